@@ -1,0 +1,67 @@
+# make test   - set up .venv (CPU torch, triton, test tools), build, install, run the tests
+# make demo   - the main job: build info and the norm benchmarks on this machine
+# make bench  - the whole benchmark suite
+# make cuda-build - build the CUDA extension in .venv-cuda (CUDA torch) and test it on the CPU
+# make gpu-check  - on a GPU machine: install into its python, GPU tests, benchmarks
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+MAX_JOBS ?= 2
+# The toolkit that holds nvcc (PATH's nvcc may be a wrapper script elsewhere).
+CUDA_HOME ?= $(firstword $(patsubst %/bin/nvcc,%,$(wildcard /usr/local/cuda/bin/nvcc \
+	$(realpath $(dir $(shell command -v nvcc 2>/dev/null))/..)/bin/nvcc)))
+DEPS = triton ninja numpy setuptools wheel pytest pytest-timeout transformers
+PYTEST_ARGS ?=
+
+export MAX_JOBS
+
+.PHONY: test demo bench install cuda-build gpu-check clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q "$(TORCH)" $(DEPS)
+	touch $@
+
+# Editable install: _C is built in place against the venv's torch; ninja rebuilds only what changed.
+install: $(VENV)/.deps
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/python -m hybridpar_ext info
+	$(VENV)/bin/python -m bench norms
+
+bench: install
+	$(VENV)/bin/python -m bench all
+
+$(CUDA_VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" $(DEPS)
+	touch $@
+
+# A real CUDA build (nvcc compiles and links the .cu sources) on a machine without a GPU.
+# It is installed as a regular (non-editable) package with its own build directory, and
+# the tests import it from site-packages, so it never mixes with the CPU build in the tree.
+cuda-build: $(CUDA_VENV)/.deps
+	@test -n "$(CUDA_HOME)" || { echo "cuda-build: nvcc not found; set CUDA_HOME"; exit 1; }
+	CUDA_HOME=$(CUDA_HOME) HYBRIDPAR_FORCE_CUDA=1 HYBRIDPAR_BUILD_DIR=build/cuda \
+		$(CUDA_VENV)/bin/pip install -q --no-build-isolation --no-deps --force-reinstall .
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -m hybridpar_ext info
+	cd /tmp && $(abspath $(CUDA_VENV))/bin/python -c "import hybridpar_ext; \
+		info = hybridpar_ext.build_info(); assert info['cuda'], info; print('CUDA build OK:', info)"
+	$(CUDA_VENV)/bin/pytest $(PYTEST_ARGS)
+
+# On a GPU machine (no network; its own torch and triton): one command does it all.
+gpu-check:
+	MAX_JOBS=16 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m hybridpar_ext info
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) 2>&1 | tee bench/results/gpu-tests.log
+	$(PYTHON) -m bench all --tag gpu
+
+clean:
+	rm -rf build dist *.egg-info hybridpar_ext/_C*.so
