@@ -1,0 +1,6 @@
+"""The public functional ops. Each is a torch.library custom op whose implementation
+(Triton/CUDA or the reference) is chosen per call by ``_backend``."""
+
+from .norms import layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm"]

@@ -1,0 +1,85 @@
+"""The one place that decides which implementation runs for a tensor.
+
+``HYBRIDPAR_BACKEND``:
+- ``auto`` (default): Triton for CUDA tensors when Triton imports, else the reference;
+- ``reference``: the pure-PyTorch fallback everywhere (debugging, A/B checks);
+- ``triton``: Triton wherever it can run, CPU tensors included when
+  ``TRITON_INTERPRET=1`` was set before the kernels were imported (this is how the
+  tests exercise the kernels on a machine without a GPU).
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def requested() -> str:
+    name = os.environ.get("HYBRIDPAR_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"HYBRIDPAR_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version():
+    """Triton's version, or None when it does not import."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(name: str):
+    """The module ``hybridpar_ext.kernels.<name>``, imported on first use."""
+    return importlib.import_module(f"hybridpar_ext.kernels.{name}")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    if triton_version() is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernels should run for tensor ``t``."""
+    return use_triton_for(t.device, t.dtype)
+
+
+def use_triton_for(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype not in TRITON_DTYPES:
+        return False
+    choice = requested()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        if not triton_can_run(device):
+            raise RuntimeError(
+                f"HYBRIDPAR_BACKEND=triton, but Triton cannot run on {device} here "
+                f"(triton {triton_version() or 'not installed'}, "
+                f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
+        return True
+    return device.type == "cuda" and triton_can_run(device)
+
+
+def describe(device: str, dtype: torch.dtype = torch.float32) -> str:
+    """What runs for a tensor on `device`, in words (for `info`)."""
+    device = torch.device(device)
+    try:
+        if use_triton_for(device, dtype):
+            return "triton (interpreter)" if device.type == "cpu" else "triton"
+    except RuntimeError as err:
+        return f"error: {err}"
+    return "reference"

@@ -1,0 +1,202 @@
+"""LayerNorm and RMSNorm with a fused residual add, as torch.library custom ops.
+
+Each norm is a forward op and a backward op (``hybridpar::layer_norm``,
+``hybridpar::layer_norm_backward``, ``hybridpar::rms_norm``, ``hybridpar::rms_norm_backward``)
+with a fake implementation, tied together by ``register_autograd``. The implementation is
+chosen per call by :mod:`._backend`: the Triton kernels (``kernels/norm.py``) or the
+reference fallback (``hybridpar_ext.reference.norms``).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import norms as ref
+from . import _backend, _checks
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """`t` as (rows, width) with unit stride along the width: a view when possible."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _nothing(like: Tensor) -> Tensor:
+    """Stands for an absent output: custom ops cannot return None."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _unrows(t: Optional[Tensor], shape, like: Tensor) -> Tensor:
+    return _nothing(like) if t is None else t.view(shape)
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+@torch.library.custom_op("hybridpar::layer_norm", mutates_args=())
+def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                residual: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2, r2 = _rows(x), _rows(residual)
+    if _backend.use_triton(x):
+        y, h, mean, rstd = _backend.kernels("norm").norm_fwd(
+            x2, _contiguous(weight), _contiguous(bias), r2, eps, is_rms=False)
+    else:
+        y, h, mean, rstd = ref.layer_norm_fwd(x2, weight, bias, r2, eps)
+    lead = x.shape[:-1]
+    return y.view(x.shape), _unrows(h, x.shape, x), mean.view(lead), rstd.view(lead)
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, residual, eps):
+    lead = x.shape[:-1]
+    h = x.new_empty(x.shape) if residual is not None else _nothing(x)
+    return (x.new_empty(x.shape), h,
+            x.new_empty(lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.float32))
+
+
+@torch.library.custom_op("hybridpar::layer_norm_backward", mutates_args=())
+def _layer_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                         has_bias: bool, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dy2, dh2, x2 = _rows(dy), _rows(dh), _rows(x)
+    if _backend.use_triton(x):
+        dx, dw, db = _backend.kernels("norm").norm_bwd(
+            dy2, dh2, x2, _contiguous(weight), has_bias, mean.reshape(-1), rstd.reshape(-1),
+            is_rms=False)
+    else:
+        dx, dw, db = ref.layer_norm_bwd(dy2, dh2, x2, weight, has_bias,
+                                        mean.reshape(-1), rstd.reshape(-1))
+    dw = _nothing(x) if dw is None else dw.float()
+    db = _nothing(x) if db is None else db.float()
+    return dx.view(x.shape), dw, db
+
+
+@_layer_norm_backward.register_fake
+def _(dy, dh, x, weight, has_bias, mean, rstd):
+    width = x.shape[-1]
+    dw = x.new_empty(width, dtype=torch.float32) if weight is not None else _nothing(x)
+    db = x.new_empty(width, dtype=torch.float32) if has_bias else _nothing(x)
+    return x.new_empty(x.shape), dw, db
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, _eps = inputs
+    _y, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
+
+
+def _layer_norm_grad(ctx, dy, dh, _dmean, _drstd):
+    src, weight, mean, rstd = ctx.saved_tensors
+    has_bias = ctx.bias_dtype is not None
+    dx, dw, db = torch.ops.hybridpar.layer_norm_backward(
+        dy, dh if ctx.has_residual else None, src, weight, has_bias, mean, rstd)
+    dw = None if weight is None else dw.to(weight.dtype)
+    db = db.to(ctx.bias_dtype) if has_bias else None
+    # h = x + residual, so both receive the gradient of h.
+    return dx, dw, db, (dx if ctx.has_residual else None), None
+
+
+_layer_norm.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+@torch.library.custom_op("hybridpar::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
+              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    x2, r2 = _rows(x), _rows(residual)
+    if _backend.use_triton(x):
+        y, h, _, rstd = _backend.kernels("norm").norm_fwd(
+            x2, _contiguous(weight), None, r2, eps, is_rms=True)
+    else:
+        y, h, rstd = ref.rms_norm_fwd(x2, weight, r2, eps)
+    return y.view(x.shape), _unrows(h, x.shape, x), rstd.view(x.shape[:-1])
+
+
+@_rms_norm.register_fake
+def _(x, weight, residual, eps):
+    h = x.new_empty(x.shape) if residual is not None else _nothing(x)
+    return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridpar::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                       rstd: Tensor) -> tuple[Tensor, Tensor]:
+    dy2, dh2, x2 = _rows(dy), _rows(dh), _rows(x)
+    if _backend.use_triton(x):
+        dx, dw, _ = _backend.kernels("norm").norm_bwd(
+            dy2, dh2, x2, _contiguous(weight), False, None, rstd.reshape(-1), is_rms=True)
+    else:
+        dx, dw = ref.rms_norm_bwd(dy2, dh2, x2, weight, rstd.reshape(-1))
+    return dx.view(x.shape), (_nothing(x) if dw is None else dw.float())
+
+
+@_rms_norm_backward.register_fake
+def _(dy, dh, x, weight, rstd):
+    dw = x.new_empty(x.shape[-1], dtype=torch.float32) if weight is not None else _nothing(x)
+    return x.new_empty(x.shape), dw
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, _eps = inputs
+    _y, h, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+
+def _rms_norm_grad(ctx, dy, dh, _drstd):
+    src, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.hybridpar.rms_norm_backward(
+        dy, dh if ctx.has_residual else None, src, weight, rstd)
+    dw = None if weight is None else dw.to(weight.dtype)
+    return dx, dw, (dx if ctx.has_residual else None), None
+
+
+_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+# ---------------------------------------------------------------------------- public
+
+def _check_norm_args(op, x, weight, bias, eps, residual):
+    _checks.check_tensor(op, "x", x)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a 0-d tensor")
+    width = x.shape[-1]
+    _checks.check_optional(op, "weight", weight, (width,), x.device)
+    _checks.check_optional(op, "bias", bias, (width,), x.device)
+    _checks.check_optional(op, "residual", residual, x.shape, x.device)
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+    _checks.check_positive(op, "eps", eps)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, residual: Optional[Tensor] = None):
+    """LayerNorm over the last dimension of ``x`` (any leading shape).
+
+    With ``residual``, computes ``h = x + residual`` and returns ``(layer_norm(h), h)`` in
+    one pass, the add + norm of a pre-norm transformer block. Statistics are fp32 for
+    every input dtype; the output has the dtype of ``x``. ``weight`` and ``bias`` have shape
+    ``(x.shape[-1],)`` and may have another floating dtype than ``x``.
+    """
+    _check_norm_args("layer_norm", x, weight, bias, eps, residual)
+    y, h, _, _ = torch.ops.hybridpar.layer_norm(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
+             residual: Optional[Tensor] = None):
+    """RMSNorm over the last dimension of ``x``: ``x / sqrt(mean(x**2) + eps) * weight``.
+
+    ``residual`` works as in :func:`layer_norm`.
+    """
+    _check_norm_args("rms_norm", x, weight, None, eps, residual)
+    y, h, _ = torch.ops.hybridpar.rms_norm(x, weight, residual, float(eps))
+    return y if residual is None else (y, h)
