@@ -1,0 +1,1 @@
+"""Microbenchmarks of hybridpar_ext against what a user would use instead: ``python -m bench``."""
