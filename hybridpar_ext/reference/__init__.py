@@ -1,5 +1,5 @@
 """Plain, obviously-correct PyTorch for every op: the CPU fallback and the tests' oracle."""
 
-from . import norms
+from . import attention, norms
 
-__all__ = ["norms"]
+__all__ = ["attention", "norms"]
