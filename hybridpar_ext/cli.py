@@ -8,7 +8,7 @@ import sys
 import torch
 
 # Public ops and the tensors they are asked about in `info`.
-OPS = ("layer_norm", "rms_norm")
+OPS = ("attention", "layer_norm", "rms_norm")
 
 
 def info() -> dict:
