@@ -3,7 +3,7 @@ import sys
 
 from . import runner
 
-FAMILIES = ("norms",)
+FAMILIES = ("norms", "attention")
 
 
 def main(argv=None) -> int:
