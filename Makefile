@@ -61,7 +61,7 @@ gpu-check:
 	MAX_JOBS=16 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m hybridpar_ext info
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) 2>&1 | tee bench/results/gpu-tests.log
-	$(PYTHON) -m bench all --tag gpu
+	$(PYTHON) -m bench all
 
 clean:
 	rm -rf build dist *.egg-info hybridpar_ext/_C*.so
