@@ -120,6 +120,18 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _chunk_terms(X_row, DY_row, W, cols, mask, mean, rstd, HAS_W: tl.constexpr):
+    """dy, x-hat and w * dy of one chunk of a row, in fp32."""
+    x = tl.load(X_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY_row + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    wdy = dy
+    if HAS_W:
+        wdy = dy * tl.load(W + cols, mask=mask).to(tl.float32)
+    return dy, xhat, wdy
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X, W, DY, DH, DX, DW_PART, DB_PART, MEAN, RSTD,
     stride_x, stride_dy, stride_dh, stride_dx,
@@ -182,12 +194,8 @@ def _norm_bwd_kernel(
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                x = tl.load(X + row64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row64 * stride_dy + start + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = dy
-                if HAS_W:
-                    wdy = dy * tl.load(W + start + cols, mask=mask).to(tl.float32)
+                dy, xhat, wdy = _chunk_terms(X + row64 * stride_x, DY + row64 * stride_dy, W,
+                                             start + cols, mask, mean, rstd, HAS_W)
                 acc1 += xhat * wdy
                 acc2 += wdy
             c1 = tl.sum(acc1, axis=0) / N
@@ -196,12 +204,9 @@ def _norm_bwd_kernel(
                 c2 = tl.sum(acc2, axis=0) / N
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                x = tl.load(X + row64 * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row64 * stride_dy + start + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = dy
+                dy, xhat, wdy = _chunk_terms(X + row64 * stride_x, DY + row64 * stride_dy, W,
+                                             start + cols, mask, mean, rstd, HAS_W)
                 if HAS_W:
-                    wdy = dy * tl.load(W + start + cols, mask=mask).to(tl.float32)
                     dw = tl.load(DW_PART + part + start + cols, mask=mask)
                     tl.store(DW_PART + part + start + cols, dw + dy * xhat, mask=mask)
                 if HAS_B:
