@@ -1,0 +1,91 @@
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) on a machine without one.
+
+The other tests run the kernels in Triton's interpreter, which accepts code the compiler
+would reject. Here each kernel is compiled down to a cubin for A100 and H100 targets, with
+the specialisations the launchers use, in a fresh process (the test process has
+TRITON_INTERPRET=1 set) and a fresh Triton cache (so nothing is taken from earlier runs).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+NORM_FLAGS = dict(IS_RMS=False, HAS_W=True, HAS_B=True)
+
+
+def _signature(kernel, constexprs, pointer_types, float_args=()):
+    sig, const = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            const[(i,)] = constexprs[name]
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        else:
+            sig[name] = "fp32" if name in float_args else "i32"
+    return sig, const
+
+
+def _compile_all(capability: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hybridpar_ext.kernels import attention as A
+    from hybridpar_ext.kernels import norm as N
+
+    target = GPUTarget("cuda", capability, 32)
+    compiled = []
+
+    def build(kernel, constexprs, pointers, floats=(), **options):
+        sig, const = _signature(kernel, constexprs, pointers, floats)
+        out = triton.compile(ASTSource(kernel, sig, const), target=target, options=options)
+        compiled.append((kernel.__name__, constexprs, out.metadata.shared))
+
+    stats = {p: "*fp32" for p in ("W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART")}
+    for dt in ("*bf16", "*fp32"):
+        for single, block in ((True, 8192), (False, N.CHUNK)):
+            flags = dict(NORM_FLAGS, SINGLE_PASS=single, BLOCK_N=block)
+            build(N._norm_fwd_kernel, dict(flags, HAS_RES=True),
+                  dict(stats, X=dt, RES=dt, Y=dt, H=dt), ("eps",), num_warps=16)
+            build(N._norm_bwd_kernel, dict(flags, HAS_DH=True),
+                  dict(stats, X=dt, W=dt, DY=dt, DH=dt, DX=dt), num_warps=16)
+
+    stats = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "CU_Q": "*i32", "CU_K": "*i32"}
+    floats = ("qk_scale", "sm_scale")
+    # (dtype, varlen, BLOCK_D, forward tile): bf16 padded and packed at head_dim 128, the
+    # largest head_dim, and fp32 (IEEE dots).
+    for dt, varlen, block_d, (block_m, block_n) in (("*bf16", False, 128, (128, 64)),
+                                                     ("*bf16", True, 128, (128, 64)),
+                                                     ("*bf16", False, 256, (64, 64)),
+                                                     ("*fp32", True, 64, (64, 64))):
+        tensors = {p: dt for p in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        const = dict(GQA_GROUP=4, VARLEN=varlen, BLOCK_D=block_d,
+                     PRECISION="ieee" if dt == "*fp32" else "tf32")
+        build(A._attn_fwd_kernel.fn, dict(const, BLOCK_M=block_m, BLOCK_N=block_n),
+              dict(stats, **tensors), floats, num_warps=8, num_stages=2)
+        build(A._attn_bwd_dkdv_kernel.fn, dict(const, BLOCK_M=64, BLOCK_N=64),
+              dict(stats, **tensors), floats, num_warps=4, num_stages=2)
+        build(A._attn_bwd_dq_kernel.fn, dict(const, BLOCK_M=64, BLOCK_N=64),
+              dict(stats, **tensors), floats, num_warps=4, num_stages=2)
+        build(A._bwd_preprocess_kernel, dict(HAS_DLSE=True, VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d),
+              dict(stats, O=dt, DO=dt), num_warps=4)
+    return compiled
+
+
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
+def test_kernels_compile_for_gpu(capability, tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    result = subprocess.run([sys.executable, __file__, str(capability)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 24 kernels" in result.stdout, result.stdout[-2000:]
+
+
+if __name__ == "__main__":
+    kernels = _compile_all(int(sys.argv[1]))
+    print(f"compiled {len(kernels)} kernels")
