@@ -17,6 +17,7 @@ DEPS = triton ninja numpy setuptools wheel pytest pytest-timeout transformers
 PYTEST_ARGS ?=
 
 export MAX_JOBS
+SHELL := /bin/bash
 
 .PHONY: test demo bench install cuda-build gpu-check clean
 
@@ -60,7 +61,8 @@ cuda-build: $(CUDA_VENV)/.deps
 gpu-check:
 	MAX_JOBS=16 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m hybridpar_ext info
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS) 2>&1 | tee bench/results/gpu-tests.log
+	mkdir -p bench/results
+	set -o pipefail; $(PYTHON) -m pytest -q $(PYTEST_ARGS) 2>&1 | tee bench/results/gpu-tests.log
 	$(PYTHON) -m bench all
 
 clean:
