@@ -23,7 +23,6 @@ computes dQ per query block. No atomics: the gradients are deterministic.
 This module imports torch and triton only.
 """
 
-import math
 import os
 
 import torch
@@ -31,7 +30,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Stands for an unlimited window side; small enough that index arithmetic stays in int32.
 UNLIMITED = 1 << 29
 
@@ -509,7 +507,3 @@ def attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal=False, window_l
         softmax_scale, left, right, geo.seq_key, **common,
     )
     return dq, dk, dv
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
