@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from ._dtypes import acc_dtype
+
 
 def visible_mask(seqlen_q, seqlen_k, causal=False, left=-1, right=-1, device=None):
     """Boolean (seqlen_q, seqlen_k): True where query i may attend key j."""
@@ -88,14 +90,10 @@ def attention(q, k, v, causal=False, softmax_scale=None, window=None, cu_seqlens
     return (out, lse) if return_lse else out
 
 
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
 def attention_fwd(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
                   cu_seqlens_q=None, cu_seqlens_k=None):
     """The fallback forward: ``(out, lse)`` with out in q's dtype and lse fp32."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     out, lse = attention(q.to(acc), k.to(acc), v.to(acc), causal, softmax_scale,
                          (window_left, window_right), cu_seqlens_q, cu_seqlens_k, return_lse=True)
     return out.to(q.dtype), lse.float()
@@ -108,7 +106,7 @@ def attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal=False, window_l
     ``dlse`` (optional) is the gradient of the log-sum-exp output: since
     ``d lse_i / d s_ij = p_ij``, it enters as ``dS = P * (dP - (rowsum(dO * O) - dlse))``.
     """
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     dtypes = q.dtype, k.dtype, v.dtype
     q, k, v, out, dout, lse = (t.to(acc) for t in (q, k, v, out, dout, lse))
     dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)

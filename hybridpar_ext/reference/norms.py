@@ -15,6 +15,8 @@ All take ``x`` of any leading shape and normalise over the last dimension; the
 
 import torch
 
+from ._dtypes import acc_dtype
+
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     h = x if residual is None else x + residual
@@ -36,10 +38,6 @@ def rms_norm(x, weight=None, eps=1e-6, residual=None):
     return y if residual is None else (y, h)
 
 
-def _acc_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
@@ -48,7 +46,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     """Returns ``(y, h, mean, rstd)``; h is None without residual."""
     h = None if residual is None else x + residual
     src = x if h is None else h
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y, mean, rstd = torch.native_layer_norm(
         src.to(acc), [src.shape[-1]], _cast(weight, acc), _cast(bias, acc), eps)
     return y.to(x.dtype), h, mean.view(-1).float(), rstd.view(-1).float()
@@ -56,7 +54,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
 
 def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd):
     """Returns ``(dx, dweight, dbias)`` in the dtypes of x, weight and fp32."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     width = x.shape[-1]
     # native_layer_norm_backward only reads the bias to know whether dbias is wanted.
     bias = torch.empty(width, dtype=acc, device=x.device) if has_bias else None
@@ -71,7 +69,7 @@ def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd):
 def rms_norm_fwd(x, weight, residual, eps):
     """Returns ``(y, h, rstd)``; h is None without residual."""
     h = None if residual is None else x + residual
-    src = (x if h is None else h).to(_acc_dtype(x.dtype))
+    src = (x if h is None else h).to(acc_dtype(x.dtype))
     rstd = torch.rsqrt(src.pow(2).mean(-1) + eps)
     y = src * rstd.unsqueeze(-1)
     if weight is not None:
@@ -81,7 +79,7 @@ def rms_norm_fwd(x, weight, residual, eps):
 
 def rms_norm_bwd(dy, dh, x, weight, rstd):
     """Returns ``(dx, dweight)``; dweight is None without weight."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dy = dy.to(acc)
     rstd = rstd.to(acc).unsqueeze(-1)
     xhat = x.to(acc) * rstd
