@@ -15,7 +15,7 @@ from hybridpar_ext import ops
 from hybridpar_ext.hardware import gpu_spec
 from hybridpar_ext.reference import attention as ref
 
-from .runner import device, on_gpu, peak_memory_mb, time_ms
+from .runner import PASSES, device, on_gpu, pass_timer, peak_memory_mb, time_ms
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -54,16 +54,7 @@ def _flops(b, h, s, d, causal, mode):
 
 
 def _timer(fn, q, k, v, causal, mode):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(q, k, v, causal)
-        return run
-    dout = torch.randn_like(q)
-    if mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
-    out = fn(q, k, v, causal)
-    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return pass_timer(lambda: (fn(q, k, v, causal),), (q, k, v), mode)
 
 
 def shapes(quick):
@@ -85,9 +76,9 @@ def run(quick: bool = False):
             torch.manual_seed(0)
             q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device=dev, requires_grad=True)
                        for _ in range(3))
-            for mode in ("fwd", "bwd", "fwd+bwd"):
-                row = dict(dtype=str(dtype).replace("torch.", ""), batch=b, seqlen=s, heads=h,
-                           head_dim=d, causal=causal, pass_=mode)
+            for mode in PASSES:
+                row = {"dtype": str(dtype).replace("torch.", ""), "batch": b, "seqlen": s,
+                       "heads": h, "head_dim": d, "causal": causal, "pass": mode}
                 for name, fn in providers.items():
                     # The plain math materialises (b, h, s, s) scores: skip it where they are huge.
                     if name in ("plain_math", "sdpa_math") and b * h * s * s > 2**31:
@@ -106,7 +97,7 @@ def run(quick: bool = False):
                 if spec:
                     row["ours_frac_peak"] = tflops / spec.bf16_tflops
                     row["ours_peak_MB"] = peak_memory_mb(_timer(providers["ours"], q, k, v, causal, mode))
-                results.append({key.rstrip("_"): val for key, val in row.items()})
+                results.append(row)
                 times = ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items()
                                   if k.endswith("_ms") and v is not None)
                 print(f"  b{b} s{s} h{h} d{d} causal={causal} {mode}: {times}", flush=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hybridpar_ext import ops
 from hybridpar_ext.hardware import gpu_spec
 
-from .runner import device, on_gpu, time_ms
+from .runner import PASSES, device, on_gpu, pass_timer, time_ms
 
 EPS = 1e-5
 
@@ -46,24 +46,13 @@ def _bytes_moved(kind, rows, width, element_size, residual, mode):
 
 
 def _timer(fn, inputs, mode):
-    """A zero-argument callable that runs `mode` of fn on fresh-graph inputs."""
     x, w, b, r = inputs
-    leaves = [t for t in (x, w, b, r) if t is not None]
 
-    def outputs():
+    def forward():
         out = fn(x, w, b, r)
         return out if isinstance(out, tuple) else (out,)
 
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                outputs()
-        return run
-    grads = [torch.randn_like(o) for o in outputs()]
-    if mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(outputs(), leaves, grads)
-    outs = outputs()
-    return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    return pass_timer(forward, [t for t in inputs if t is not None], mode)
 
 
 def shapes(quick: bool):
@@ -95,9 +84,9 @@ def run(quick: bool = False):
                 fns = {"ours": _ours(kind), "torch": _eager(kind)}
                 if "compile" in providers:
                     fns["compile"] = torch.compile(_eager(kind), dynamic=False)
-                for mode in ("fwd", "bwd", "fwd+bwd"):
-                    row = dict(op=kind, dtype=str(dtype).replace("torch.", ""), rows=rows,
-                               width=width, residual=residual, pass_=mode)
+                for mode in PASSES:
+                    row = {"op": kind, "dtype": str(dtype).replace("torch.", ""), "rows": rows,
+                           "width": width, "residual": residual, "pass": mode}
                     for name in providers:
                         row[f"{name}_ms"] = time_ms(_timer(fns[name], (x, w, b, r), mode))
                     for name in providers[1:]:
@@ -107,7 +96,7 @@ def run(quick: bool = False):
                                             mode) / row["ours_ms"] / 1e6
                         row["ours_GB/s"] = gbps
                         row["ours_frac_hbm"] = gbps / (spec.hbm_tbps * 1e3) if spec else None
-                    results.append({k.rstrip("_"): v for k, v in row.items()})
+                    results.append(row)
                     print(_progress(results[-1]), flush=True)
     return results
 

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -44,6 +45,24 @@ def time_ms(fn, min_time_s: float = 0.2, max_runs: int = 100) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def pass_timer(forward, leaves, mode):
+    """A zero-argument callable running one pass of `forward` (which returns a tuple of
+    outputs): the forward without grad, the backward alone over a graph built once, or both."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                forward()
+        return run
+    grads = [torch.randn_like(o) for o in forward()]
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(), leaves, grads)
+    outs = forward()
+    return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
 
 
 def peak_memory_mb(fn) -> float:
@@ -85,7 +104,6 @@ def environment() -> dict:
 
 def _driver_version():
     try:
-        import subprocess
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
