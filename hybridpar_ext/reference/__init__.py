@@ -1,5 +1,5 @@
 """Plain, obviously-correct PyTorch for every op: the CPU fallback and the tests' oracle."""
 
-from . import attention, norms
+from . import attention, comm, norms
 
-__all__ = ["attention", "norms"]
+__all__ = ["attention", "comm", "norms"]
