@@ -3,7 +3,7 @@ import sys
 
 from . import runner
 
-FAMILIES = ("norms", "attention")
+FAMILIES = ("norms", "attention", "comm")
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import torch
 
 # Public ops and the tensors they are asked about in `info`.
 OPS = ("attention", "layer_norm", "rms_norm")
+COMM_OPS = ("all_gather_matmul", "matmul_reduce_scatter", "GradBucketReducer")
 
 
 def info() -> dict:
@@ -28,6 +29,13 @@ def info() -> dict:
         "ops": {op: {dev: _backend.describe(dev, torch.bfloat16 if dev == "cuda" else torch.float32)
                      for dev in devices} for op in OPS},
     }
+    # The communication ops run the compiled c10d code on any device (gloo or NCCL picks the
+    # transport); only the reference setting swaps in the plain composition.
+    comm = ("reference (collective, then matmul)" if report["HYBRIDPAR_BACKEND"] == "reference"
+            else "_C (c10d, overlapped)")
+    for op in COMM_OPS:
+        report["ops"][op] = {dev: (comm if op != "GradBucketReducer" else "_C (c10d, overlapped)")
+                             for dev in devices}
     return report
 
 
@@ -43,7 +51,7 @@ def print_info(report: dict) -> None:
     print(f"HYBRIDPAR_BACKEND  {report['HYBRIDPAR_BACKEND']}")
     print("op implementations:")
     for op, by_device in report["ops"].items():
-        print(f"  {op:<16} " + ", ".join(f"{dev}: {impl}" for dev, impl in by_device.items()))
+        print(f"  {op:<22} " + ", ".join(f"{dev}: {impl}" for dev, impl in by_device.items()))
 
 
 def main(argv=None) -> int:
