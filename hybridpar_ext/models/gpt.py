@@ -1,0 +1,154 @@
+"""A decoder-only transformer in plain PyTorch, built from :mod:`hybridpar_ext.nn`.
+
+Pre-norm blocks whose residual add is fused into the next norm: each block takes and returns
+``(x, residual)``, and ``norm(x, residual)`` computes ``h = x + residual`` and ``norm(h)``
+in one kernel. The model knows nothing of parallelism; that is applied from outside.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import nn as hnn
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    max_seq_len: int = 128
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: Optional[int] = None       # None: as many as heads (no GQA)
+    ffn: Optional[int] = None            # None: 4 * hidden (gelu), 8/3 * hidden rounded to 8 (swiglu)
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    tied_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.kv_heads is None:
+            self.kv_heads = self.heads
+        if self.ffn is None:
+            self.ffn = 4 * self.hidden if self.mlp == "gelu" else -(-8 * self.hidden // 3 // 8) * 8
+        for name in ("vocab_size", "max_seq_len", "layers", "hidden", "heads", "kv_heads", "ffn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"GPTConfig: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if not 16 <= self.hidden // self.heads <= 256:
+            raise ValueError(f"GPTConfig: head_dim = hidden / heads = {self.hidden // self.heads} must be in "
+                             "[16, 256] (what the fused attention supports)")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"GPTConfig: heads ({self.heads}) must be a multiple of kv_heads "
+                             f"({self.kv_heads})")
+        if self.norm not in NORMS:
+            raise ValueError(f"GPTConfig: norm must be one of {NORMS}, got {self.norm!r}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"GPTConfig: mlp must be one of {MLPS}, got {self.mlp!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds (tied embeddings counted once)."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        norm = h if self.norm == "rmsnorm" else 2 * h
+        mlp = (3 if self.mlp == "swiglu" else 2) * h * self.ffn
+        layer = h * (h + 2 * kv) + h * h + mlp + 2 * norm
+        embed = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return self.layers * layer + embed + norm
+
+
+def make_norm(config: GPTConfig, **factory):
+    if config.norm == "rmsnorm":
+        return hnn.RMSNorm(config.hidden, eps=config.norm_eps, **factory)
+    return hnn.LayerNorm(config.hidden, eps=config.norm_eps, **factory)
+
+
+class MLP(torch.nn.Module):
+    """GELU: ``fc2(gelu(fc1(x)))``. SwiGLU: ``fc2(silu(gate) * up)`` with ``fc1`` producing
+    ``[gate; up]`` stacked on its output dimension."""
+
+    def __init__(self, config: GPTConfig, **factory):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        width = 2 * config.ffn if self.swiglu else config.ffn
+        self.fc1 = torch.nn.Linear(config.hidden, width, bias=False, **factory)
+        self.fc2 = torch.nn.Linear(config.ffn, config.hidden, bias=False, **factory)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, config: GPTConfig, **factory):
+        super().__init__()
+        self.norm1 = make_norm(config, **factory)
+        self.attn = hnn.Attention(config.hidden, config.heads, config.kv_heads, bias=False,
+                                  rope=True, rope_theta=config.rope_theta, causal=True, **factory)
+        self.norm2 = make_norm(config, **factory)
+        self.mlp = MLP(config, **factory)
+
+    def forward(self, x, residual=None):
+        """``(x, residual) -> (mlp_out, residual)``; the block's output is their sum."""
+        if residual is None:
+            y, residual = self.norm1(x), x
+        else:
+            y, residual = self.norm1(x, residual)
+        y, residual = self.norm2(self.attn(y), residual)
+        return self.mlp(y), residual
+
+
+class GPT(torch.nn.Module):
+    """Token embedding, ``layers`` pre-norm blocks, final norm, LM head (tied to the
+    embedding by default). ``forward(tokens, targets=None)``: logits ``(batch, seq, vocab)``,
+    or the mean cross-entropy with ``targets``."""
+
+    def __init__(self, config: GPTConfig, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.config = config
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden, **factory)
+        self.layers = torch.nn.ModuleList(TransformerLayer(config, **factory) for _ in range(config.layers))
+        self.norm = make_norm(config, **factory)
+        self.lm_head = torch.nn.Linear(config.hidden, config.vocab_size, bias=False, **factory)
+        if config.tied_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                continue  # norm weights and biases keep their module's init
+            # Output projections scaled by depth, as in GPT-2.
+            scale = (2 * self.config.layers) ** -0.5 if name.endswith(("out_proj.weight", "fc2.weight")) else 1.0
+            torch.nn.init.normal_(p, std=std * scale)
+
+    def forward(self, tokens, targets=None):
+        if tokens.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"GPT: sequence of {tokens.shape[-1]} tokens is longer than "
+                             f"max_seq_len {self.config.max_seq_len}")
+        x, residual = self.embed(tokens), None
+        for layer in self.layers:
+            x, residual = layer(x, residual)
+        x, _ = self.norm(x, residual)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
