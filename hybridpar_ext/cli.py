@@ -54,13 +54,114 @@ def print_info(report: dict) -> None:
         print(f"  {op:<22} " + ", ".join(f"{dev}: {impl}" for dev, impl in by_device.items()))
 
 
+MODEL_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq")
+GPU_FLAGS = {"memory_gib": "memory_gib", "tflops": "bf16_tflops", "hbm_tbps": "hbm_tbps",
+             "intra_node_gbps": "intra_node_gbps", "inter_node_gbps": "inter_node_gbps"}
+
+
+def add_plan_arguments(p) -> None:
+    from .plan import PRECISIONS, PRESETS
+    from .plan.specs import GPU_NAMES
+
+    model = p.add_argument_group("model (a --preset, or every shape flag; flags override a preset)")
+    model.add_argument("--preset", choices=sorted(PRESETS))
+    for flag in MODEL_FLAGS:
+        model.add_argument(f"--{flag.replace('_', '-')}", type=int)
+    model.add_argument("--mlp", choices=("gelu", "swiglu"))
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--gpus", type=int, help="GPUs in all")
+    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--gpu", default="h100", choices=sorted(GPU_NAMES),
+                         help="a known GPU; its numbers can be overridden below")
+    for flag in GPU_FLAGS:
+        cluster.add_argument(f"--{flag.replace('_', '-')}", type=float)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step")
+    p.add_argument("--precision", default="bf16-mixed", choices=sorted(PRECISIONS))
+    p.add_argument("--top", type=int, default=5, help="how many layouts to show")
+    p.add_argument("--uneven-stages", action="store_true",
+                   help="also consider pipeline depths that do not divide the layers")
+    p.add_argument("--calibrate", metavar="DIR",
+                   help="refine the efficiency constants from bench results in DIR (comm-*.json)")
+
+
+def plan_from_args(args):
+    """The planner's inputs from parsed flags (shared by `plan` and `train --plan`)."""
+    import dataclasses
+
+    from .plan import PRECISIONS, PRESETS, ClusterSpec, ModelSpec, from_bench_results, DEFAULT_CALIBRATION
+
+    shape = {}
+    if args.preset:
+        shape = {k: v for k, v in PRESETS[args.preset].__dict__.items()}
+    for flag in MODEL_FLAGS + ("mlp",):
+        value = getattr(args, flag)
+        if value is not None:
+            shape[flag] = value
+    if shape.get("kv_heads") is None and "heads" in shape:
+        shape["kv_heads"] = shape["heads"]
+    missing = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if f not in shape]
+    if missing:
+        raise ValueError(f"plan: give a --preset or the model shape ({', '.join(missing)} missing)")
+    model = ModelSpec(**shape)
+    if not args.gpus:
+        raise ValueError("plan: --gpus must be a positive number of GPUs")
+    overrides = {GPU_FLAGS[k]: getattr(args, k) for k in GPU_FLAGS if getattr(args, k) is not None}
+    cluster = ClusterSpec.of(args.gpu, args.gpus, args.gpus_per_node, **overrides)
+    calibration = DEFAULT_CALIBRATION
+    if args.calibrate:
+        calibration = from_bench_results(args.calibrate, cluster.gpu.name, peak_tflops=cluster.gpu.bf16_tflops,
+                                         intra_node_gbps=cluster.gpu.intra_node_gbps)
+    return model, cluster, PRECISIONS[args.precision], dataclasses.replace(calibration)
+
+
+def run_plan(args) -> int:
+    from .plan import PlanError, format_plan, plan
+    from .plan.published import RUNS, compare
+
+    if args.compare_published:
+        rows = [compare(run) for run in RUNS]
+        if args.json:
+            json.dump(rows, sys.stdout, indent=2)
+            print()
+            return 0
+        print("| run | reported layout | reported TFLOP/s/GPU | predicted | error | planner's choice | vs reported layout |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['run']} | {r['reported_layout']} | {r['reported_tflops']:.0f} | "
+                  f"{r['predicted_tflops']:.0f} | {r['error']:+.1%} | {r['recommended']} | "
+                  f"{r['recommended_vs_reported_layout']:+.1%} |")
+        return 0
+    try:
+        model, cluster, precision, calibration = plan_from_args(args)
+        if not args.global_batch:
+            raise ValueError("plan: --global-batch must be a positive number of sequences")
+        result = plan(model, cluster, args.global_batch, top=args.top, precision=precision,
+                      calibration=calibration, uneven_stages=args.uneven_stages)
+    except (PlanError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(format_plan(result))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybridpar_ext")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="build information and the implementation of each op")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_plan = sub.add_parser("plan", help="recommend a DP x TP x PP layout for a model and a cluster")
+    add_plan_arguments(p_plan)
+    p_plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_plan.add_argument("--compare-published", action="store_true",
+                        help="the planner against published large-scale runs")
     args = parser.parse_args(argv)
 
+    if args.command == "plan":
+        return run_plan(args)
     if args.command == "info":
         report = info()
         if args.json:

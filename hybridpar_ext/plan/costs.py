@@ -1,0 +1,250 @@
+"""Memory and time of one training step of a GPT under a layout: the formulas.
+
+FLOPs follow Narayanan et al. 2021 (the Megatron-LM paper), generalised to GQA and gated
+MLPs: per token and layer the forward costs ``2 * (h*(h + 2*kv) + h*h + mats*h*ffn)`` in the
+GEMMs plus ``4*s*h`` in attention (QK^T and AV, counted in full as the paper does), the
+logits ``2*h*V``; a training step costs three forward passes' worth (forward, backward) and
+full recomputation adds one more of the layers. For GPT-3-like shapes this is the paper's
+``96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h))``.
+
+Activation memory follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models"): per layer, in elements of the activation dtype, the attention
+block keeps its input, Q, K, V and the input of the output projection; the MLP its input and
+its intermediate activations; both norms their inputs; dropout masks one byte per element.
+With tensor parallelism everything between the column- and row-parallel GEMMs is split
+``tp`` ways; with sequence parallelism the rest is too. FlashAttention keeps no ``s x s``
+matrix (only a log-sum-exp per row), which is what the paper's selective recomputation
+achieves. Full recomputation keeps only each layer's input.
+"""
+
+from dataclasses import dataclass
+
+from .calibration import Calibration
+from .specs import ClusterSpec, ModelSpec, Precision
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    microbatch: int            # sequences per microbatch
+    microbatches: int          # per pipeline per step (gradient accumulation steps)
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    zero1: bool = False
+    virtual_stages: int = 1    # interleaved 1F1B: model chunks per pipeline rank
+
+    def describe(self) -> str:
+        extras = [f"mb={self.microbatch}x{self.microbatches}"]
+        if self.virtual_stages > 1:
+            extras.append(f"v{self.virtual_stages}")
+        if self.sequence_parallel:
+            extras.append("sp")
+        if self.recompute != "none":
+            extras.append(f"recompute={self.recompute}")
+        if self.zero1:
+            extras.append("zero1")
+        return f"dp{self.dp} tp{self.tp} pp{self.pp} " + " ".join(extras)
+
+
+# ----------------------------------------------------------------------------- params
+
+def norm_params(m: ModelSpec) -> int:
+    return m.hidden * (2 if m.norm == "layernorm" else 1)
+
+
+def layer_params(m: ModelSpec) -> int:
+    h = m.hidden
+    return h * (h + 2 * m.kv_dim) + h * h + m.mlp_matrices * h * m.ffn + 2 * norm_params(m)
+
+
+def total_params(m: ModelSpec) -> int:
+    embeddings = m.vocab * m.hidden * (1 if m.tied_embeddings else 2)
+    return m.layers * layer_params(m) + embeddings + norm_params(m)
+
+
+def stage_params(m: ModelSpec, layout: Layout, stage: int) -> float:
+    """Parameters one GPU of pipeline stage `stage` holds (tp splits the matrices; norms and
+    the kv projection when kv heads are fewer than tp are replicated)."""
+    t, h = layout.tp, m.hidden
+    kv_split = min(t, m.kv_heads)
+    matrices = h * h / t + 2 * h * m.kv_dim / kv_split + h * h / t + m.mlp_matrices * h * m.ffn / t
+    per_layer = matrices + 2 * norm_params(m)
+    params = per_layer * stage_layers(m, layout)
+    first, last = stage == 0, stage == layout.pp - 1
+    if first:
+        params += m.vocab * h / t
+    if last:
+        params += norm_params(m)
+        if not (m.tied_embeddings and first):  # a tied head on another stage is a second copy
+            params += m.vocab * h / t
+    return params
+
+
+def stage_layers(m: ModelSpec, layout: Layout) -> int:
+    """Layers on the fullest stage (all stages alike when pp divides the layers)."""
+    return -(-m.layers // layout.pp)
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+def layer_forward_flops_per_token(m: ModelSpec) -> float:
+    h = m.hidden
+    gemms = 2 * (h * (h + 2 * m.kv_dim) + h * h + m.mlp_matrices * h * m.ffn)
+    return gemms + 4 * m.seq * h
+
+
+def step_flops(m: ModelSpec, global_batch: int, recompute: str = "none"):
+    """(model FLOPs, hardware FLOPs) of one step over ``global_batch`` sequences; hardware
+    FLOPs include recomputation, model FLOPs do not (the MFU convention)."""
+    tokens = global_batch * m.seq
+    layer = layer_forward_flops_per_token(m)
+    logits = 2 * m.hidden * m.vocab
+    model = 3 * tokens * (m.layers * layer + logits)
+    extra = {"none": 0.0, "selective": 4 * m.seq * m.hidden, "full": layer}[recompute]
+    return model, model + tokens * m.layers * extra
+
+
+# ------------------------------------------------------------------------- activations
+
+def layer_activation_bytes(m: ModelSpec, microbatch: int, tp: int, sequence_parallel: bool,
+                           recompute: str, activation_bytes: int) -> float:
+    """Bytes one layer keeps for backward, per microbatch, on one GPU."""
+    sbh = m.seq * microbatch * m.hidden
+    sb = m.seq * microbatch
+    a = activation_bytes
+    if recompute == "full":
+        return sbh * a / (tp if sequence_parallel else 1)
+    mask = 1.0 if m.dropout else 0.0
+    # Outside the tensor-parallel regions: both norms' inputs, the attention and MLP inputs
+    # (the norms' outputs), the dropout masks after attention and MLP.
+    replicated = 4 * sbh * a + 2 * sbh * mask
+    # Inside: Q, K, V, the attention output (input of the output projection), the softmax
+    # statistics, the MLP's intermediate activations.
+    mlp_inner = (3 if m.mlp == "swiglu" else 2) * sb * m.ffn * a
+    kv_split = min(tp, m.kv_heads)
+    split = (2 * sbh * a + mlp_inner) / tp + 2 * sb * m.kv_dim * a / kv_split
+    split += sb * m.heads / tp * 4  # fp32 log-sum-exp per row and head
+    return replicated / (tp if sequence_parallel else 1) + split
+
+
+def logits_bytes(m: ModelSpec, microbatch: int, tp: int) -> float:
+    """The last stage's logits in fp32 and their gradient (the loss is computed in fp32)."""
+    return 2 * 4 * m.seq * microbatch * m.vocab / tp
+
+
+@dataclass(frozen=True)
+class Memory:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def memory_per_gpu(m: ModelSpec, layout: Layout, precision: Precision) -> Memory:
+    """Bytes on the fullest GPU: the first stage (most microbatches in flight under 1F1B) or
+    the last (the logits), whichever needs more."""
+    best = None
+    for stage in {0, layout.pp - 1}:
+        params = stage_params(m, layout, stage)
+        in_flight = min(layout.pp - stage, layout.microbatches)
+        if layout.virtual_stages > 1:  # Korthikanti et al.: interleaving keeps a little more
+            in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)
+        per_layer = layer_activation_bytes(m, layout.microbatch, layout.tp, layout.sequence_parallel,
+                                           layout.recompute, precision.activation_bytes)
+        acts = per_layer * stage_layers(m, layout) * in_flight
+        if layout.recompute == "full":  # one layer's full activations while it is recomputed
+            acts += layer_activation_bytes(m, layout.microbatch, layout.tp, layout.sequence_parallel,
+                                           "none", precision.activation_bytes)
+        if stage == layout.pp - 1:
+            acts += logits_bytes(m, layout.microbatch, layout.tp)
+        optimizer = params * precision.optimizer_bytes / (layout.dp if layout.zero1 else 1)
+        mem = Memory(params * precision.param_bytes, params * precision.grad_bytes, optimizer, acts)
+        if best is None or mem.total > best.total:
+            best = mem
+    return best
+
+
+# ------------------------------------------------------------------------------- time
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float        # pipeline-busy compute, seconds
+    tp_comm: float        # exposed tensor-parallel collectives
+    pp_comm: float        # pipeline sends
+    bubble: float         # pipeline fill and drain
+    dp_comm: float        # exposed gradient reduction (and ZeRO-1 parameter gather)
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+
+
+def ring_time(bytes_: float, ranks: int, gbps: float, calib: Calibration, all_reduce=True) -> float:
+    """Seconds of a ring all-reduce (or an all-gather / reduce-scatter) of ``bytes_``."""
+    if ranks <= 1:
+        return 0.0
+    steps = 2 * (ranks - 1) if all_reduce else ranks - 1
+    return steps / ranks * bytes_ / (gbps * 1e9 * calib.link_efficiency) + steps * calib.hop_latency_s
+
+
+def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Precision,
+              calib: Calibration) -> StepTime:
+    gpu = cluster.gpu
+    t, p, d, b = layout.tp, layout.pp, layout.dp, layout.microbatch
+    tokens_mb = b * m.seq
+    layer = layer_forward_flops_per_token(m)
+    recompute_extra = {"none": 0.0, "selective": 4 * m.seq * m.hidden, "full": layer}[layout.recompute]
+    layer_flops = tokens_mb * (3 * layer + recompute_extra) * stage_layers(m, layout)
+    logits_flops = tokens_mb * 3 * 2 * m.hidden * m.vocab
+    rate = gpu.bf16_tflops * 1e12 * calib.gemm_efficiency(m.hidden, t)
+    # The last stage also computes the logits; the slowest stage paces the pipeline.
+    stage_compute = (layer_flops + logits_flops) / t / rate
+
+    # Tensor parallelism: per layer, an all-reduce (or all-gather + reduce-scatter) after
+    # attention and after the MLP, in forward and backward, again in a full recompute.
+    act = tokens_mb * m.hidden * precision.activation_bytes
+    tp_collectives = (4 + (2 if layout.recompute == "full" else 0)) * stage_layers(m, layout)
+    tp = tp_collectives * ring_time(act, t, gpu.intra_node_gbps, calib) * calib.tp_exposed
+
+    # Pipeline sends: activations forward and gradients backward at each stage boundary,
+    # split over the tp ranks (scatter/gather), across nodes when the stages are.
+    pp_gbps = gpu.inter_node_gbps if t * p > cluster.gpus_per_node else gpu.intra_node_gbps
+    v = layout.virtual_stages
+    pp = 2 * v * (act / t) / (pp_gbps * 1e9 * calib.link_efficiency) if p > 1 else 0.0
+
+    # 1F1B idles (p - 1) microbatch-times per step; interleaving v chunks per rank divides that
+    # by v (Narayanan et al. 2021) at v times the pipeline sends.
+    per_microbatch = stage_compute + tp + pp
+    bubble = (p - 1) * per_microbatch / v
+
+    # Data parallelism: gradients reduced over dp ranks that sit tp*pp GPUs apart.
+    params = max(stage_params(m, layout, 0), stage_params(m, layout, p - 1))
+    dp_gbps = gpu.inter_node_gbps if t * p * min(d, 2) > cluster.gpus_per_node else gpu.intra_node_gbps
+    grads = params * precision.grad_bytes
+    if layout.zero1:
+        dp = (ring_time(grads, d, dp_gbps, calib, all_reduce=False)
+              + ring_time(params * precision.param_bytes, d, dp_gbps, calib, all_reduce=False))
+    else:
+        dp = ring_time(grads, d, dp_gbps, calib)
+    dp *= calib.dp_exposed
+    # Adam reads and writes weights, gradients and both moments: memory bound.
+    state = params / (d if layout.zero1 else 1)
+    optimizer = state * (2 * precision.param_bytes + precision.grad_bytes
+                         + 2 * precision.optimizer_bytes) / (gpu.hbm_tbps * 1e12)
+    return StepTime(
+        compute=layout.microbatches * stage_compute,
+        tp_comm=layout.microbatches * tp,
+        pp_comm=layout.microbatches * pp,
+        bubble=bubble,
+        dp_comm=dp,
+        optimizer=optimizer,
+    )
