@@ -1,0 +1,115 @@
+"""Tensor- and sequence-parallel layers on real gloo process groups against their plain
+twins (torch Linear/Embedding/cross-entropy on the full weights), forward and backward; the
+mesh's layout and its errors."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+
+B, S, H, FFN, V = 2, 8, 10, 12, 12
+
+
+def _randn(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(actual, expected, name):
+    assert_close_to_reference(actual, expected.double(), torch.float32, name)
+
+
+def check_layers(rank, world):
+    import torch.distributed as dist
+
+    from hybridpar_ext import parallel
+
+    group = dist.group.WORLD
+    w1, w2 = _randn((FFN, H), 1), _randn((H, FFN), 2)
+    x_full, dy_full = _randn((B, S, H), 3), _randn((B, S, H), 4)
+    emb, tokens = _randn((V, H), 5), torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(6))
+    logits_full, targets = _randn((B, S, V), 7), torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(8))
+
+    # The plain twin: an MLP, an embedding, a cross-entropy.
+    x_ref = x_full.clone().requires_grad_()
+    w1_ref, w2_ref = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+    y_ref = F.gelu(x_ref @ w1_ref.t()) @ w2_ref.t()
+    y_ref.backward(dy_full)
+    rows = slice(rank * FFN // world, (rank + 1) * FFN // world)
+    seq = slice(rank * S // world, (rank + 1) * S // world)
+
+    for sp in (False, True):
+        col = parallel.ColumnParallelLinear(H, FFN, group, sequence_parallel=sp, chunks=2)
+        row = parallel.RowParallelLinear(FFN, H, group, sequence_parallel=sp, chunks=2)
+        with torch.no_grad():
+            col.weight.copy_(w1[rows])
+            row.weight.copy_(w2[:, rows])
+        x = (x_full[:, seq] if sp else x_full).clone().requires_grad_()
+        y = row(F.gelu(col(x)))
+        y.backward(dy_full[:, seq] if sp else dy_full)
+        tag = f"mlp sp={sp}"
+        _close(y, y_ref[:, seq] if sp else y_ref, f"{tag} out")
+        _close(x.grad, x_ref.grad[:, seq] if sp else x_ref.grad, f"{tag} grad_x")
+        _close(col.weight.grad, w1_ref.grad[rows], f"{tag} grad column weight")
+        _close(row.weight.grad, w2_ref.grad[:, rows], f"{tag} grad row weight")
+
+        embed = parallel.VocabParallelEmbedding(V, H, group, sequence_parallel=sp)
+        with torch.no_grad():
+            embed.weight.copy_(emb[embed.vocab_start:embed.vocab_end])
+        emb_ref = emb.clone().requires_grad_()
+        out_ref = F.embedding(tokens, emb_ref)
+        out_ref.backward(dy_full)
+        out = embed(tokens)
+        out.backward(dy_full[:, seq] if sp else dy_full)
+        _close(out, out_ref[:, seq] if sp else out_ref, f"embedding sp={sp}")
+        _close(embed.weight.grad, emb_ref.grad[embed.vocab_start:embed.vocab_end], f"embedding grad sp={sp}")
+
+    vocab = slice(rank * V // world, (rank + 1) * V // world)
+    logits_ref = logits_full.clone().requires_grad_()
+    loss_ref = F.cross_entropy(logits_ref.view(-1, V), targets.view(-1), reduction="none").view(B, S)
+    loss_ref.backward(dy_full[..., 0])
+    logits = logits_full[..., vocab].clone().requires_grad_()
+    loss = parallel.vocab_parallel_cross_entropy(logits, targets, group)
+    loss.backward(dy_full[..., 0])
+    _close(loss, loss_ref, "vocab parallel cross-entropy")
+    _close(logits.grad, logits_ref.grad[..., vocab], "vocab parallel cross-entropy grad")
+
+    odd = 2 * world + 1
+    with pytest.raises(ValueError, match=f"out_features \\({odd}\\) must be divisible by the tensor-parallel size \\({world}\\)"):
+        parallel.ColumnParallelLinear(H, odd, group)
+    with pytest.raises(ValueError, match=f"num_embeddings \\({odd}\\) must be divisible"):
+        parallel.VocabParallelEmbedding(odd, H, group)
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_layers_match_their_plain_twins(world):
+    assert run_ranks(check_layers, world, timeout=180) == [True] * world
+
+
+def check_mesh(rank, world):
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel import init_mesh
+
+    mesh = init_mesh(dp=2, tp=2, pp=2)
+    assert (mesh.dp, mesh.pp, mesh.tp) == (2, 2, 2)
+    # TP innermost: neighbours share a TP group; PP next; DP outermost.
+    assert dist.get_process_group_ranks(mesh.tp_group) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(mesh.pp_group) == [rank % 2 + 4 * (rank // 4), rank % 2 + 4 * (rank // 4) + 2]
+    assert dist.get_process_group_ranks(mesh.dp_group) == [rank % 4, rank % 4 + 4]
+    assert (mesh.dp_rank, mesh.pp_rank, mesh.tp_rank) == (rank // 4, rank // 2 % 2, rank % 2)
+    inferred = init_mesh(tp=2, pp=2)
+    assert inferred.dp == 2
+    for kwargs, message in ((dict(dp=3, tp=2, pp=2), "dp=3 * tp=2 * pp=2 = 12, but the world size is 8"),
+                            (dict(tp=3), "world size 8 is not divisible by tp=3 * pp=1 = 3, so dp cannot be inferred"),
+                            (dict(tp=0), "tp must be a positive int")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            init_mesh(**kwargs)
+    return True
+
+
+def test_mesh_layout_and_errors():
+    assert run_ranks(check_mesh, 8, timeout=240) == [True] * 8
