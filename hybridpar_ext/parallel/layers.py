@@ -47,7 +47,25 @@ class _ColumnLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-class ColumnParallelLinear(torch.nn.Module):
+class _ParallelLinear(torch.nn.Module):
+    """The weight of a Linear(in_features, out_features) split over TP along `split_dim`
+    (0: output features, 1: input features); the bias, if any, has the output's width."""
+
+    def __init__(self, in_features, out_features, tp_group, split_dim, bias, sequence_parallel,
+                 chunks, device, dtype):
+        super().__init__()
+        self.tp_group, self.sequence_parallel, self.chunks = tp_group, sequence_parallel, chunks
+        self.in_features, self.out_features = in_features, out_features
+        shape = [out_features, in_features]
+        name = ("out_features", "in_features")[split_dim]
+        shape[split_dim] = _shard(type(self).__name__, name, shape[split_dim], dist.get_world_size(tp_group))
+        factory = dict(device=device, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(shape, **factory))
+        self.bias = torch.nn.Parameter(torch.zeros(shape[0], **factory)) if bias else None
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``Linear(in_features, out_features)`` with the output features split over TP: this rank
     holds rows ``[rank * out/tp, (rank+1) * out/tp)`` of the weight and returns that slice of
     the output. ``sequence_parallel``: the input is this rank's sequence slice and is
@@ -55,14 +73,8 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
                  chunks=ops.comm.DEFAULT_CHUNKS, device=None, dtype=None):
-        super().__init__()
-        self.tp_group, self.sequence_parallel, self.chunks = tp_group, sequence_parallel, chunks
-        tp = dist.get_world_size(tp_group)
-        self.in_features, self.out_features = in_features, out_features
-        local = _shard("ColumnParallelLinear", "out_features", out_features, tp)
-        self.weight = torch.nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(local, device=device, dtype=dtype)) if bias else None
-        torch.nn.init.normal_(self.weight, std=0.02)
+        super().__init__(in_features, out_features, tp_group, 0, bias, sequence_parallel, chunks,
+                         device, dtype)
 
     def forward(self, x):
         if self.sequence_parallel:
@@ -72,23 +84,17 @@ class ColumnParallelLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class RowParallelLinear(torch.nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``Linear(in_features, out_features)`` with the input features split over TP (the input is
     a column-parallel layer's output slice); the partial products are all-reduced, or under
     ``sequence_parallel`` reduce-scattered along the sequence inside the matmul."""
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
                  chunks=ops.comm.DEFAULT_CHUNKS, device=None, dtype=None):
-        super().__init__()
-        self.tp_group, self.sequence_parallel, self.chunks = tp_group, sequence_parallel, chunks
-        tp = dist.get_world_size(tp_group)
-        self.in_features, self.out_features = in_features, out_features
-        local = _shard("RowParallelLinear", "in_features", in_features, tp)
-        self.weight = torch.nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        super().__init__(in_features, out_features, tp_group, 1, bias, sequence_parallel, chunks,
+                         device, dtype)
         if self.bias is not None:
             self.bias.sequence_parallel = sequence_parallel
-        torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
         if self.sequence_parallel:
