@@ -188,9 +188,10 @@ def test_bad_input():
         plan(GPT3, ClusterSpec.of("a100-80gb", 7, gpus_per_node=7), global_batch=5)
 
 
-def test_cli_table_json_and_errors():
+def test_cli_table_json_and_errors(tmp_path):
+    # Outside the source tree, so that the installed package is the one that runs.
     run = lambda *a: subprocess.run([sys.executable, "-m", "hybridpar_ext", "plan", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+                                    capture_output=True, text=True, timeout=120, cwd=tmp_path)
     out = run("--preset", "llama2-7b", "--gpus", "16", "--gpu", "a100-40gb", "--global-batch", "64")
     assert out.returncode == 0, out.stderr
     assert "| rank | layout |" in out.stdout and "A100-SXM4-40GB" in out.stdout
