@@ -18,36 +18,33 @@ GradBucketReducer::GradBucketReducer(std::vector<at::Tensor> params, const std::
   ready_.assign(n, false);
 
   // One open bucket per (dtype, device); a parameter that would overflow it closes it.
-  std::map<std::tuple<int, int, int>, std::pair<int64_t, int64_t>> open;  // -> (bucket, bytes)
+  std::map<std::tuple<int, int, int>, int64_t> open;  // -> bucket index
   for (int64_t i = n - 1; i >= 0; --i) {
     const at::Tensor& p = params_[i];
     TORCH_CHECK(p.is_floating_point(), "GradBucketReducer: params[", i, "] has dtype ", p.scalar_type(),
                 "; only floating parameters have gradients to reduce");
     auto key = std::make_tuple(static_cast<int>(p.scalar_type()), static_cast<int>(p.device().type()),
                                static_cast<int>(p.device().index()));
-    const int64_t bytes = p.numel() * static_cast<int64_t>(p.element_size());
     auto it = open.find(key);
-    if (it == open.end() || (it->second.second > 0 && it->second.second + bytes > bucket_cap_bytes)) {
+    if (it == open.end() || (buckets_[it->second].numel > 0 &&
+                             (buckets_[it->second].numel + p.numel()) * static_cast<int64_t>(p.element_size()) > bucket_cap_bytes)) {
       buckets_.emplace_back();
-      it = open.insert_or_assign(key, std::make_pair(static_cast<int64_t>(buckets_.size()) - 1, int64_t{0})).first;
+      it = open.insert_or_assign(key, static_cast<int64_t>(buckets_.size()) - 1).first;
     }
-    Bucket& bucket = buckets_[it->second.first];
-    bucket_of_[i] = it->second.first;
-    offset_[i] = 0;
-    for (int64_t j : bucket.params) offset_[i] += params_[j].numel();
+    Bucket& bucket = buckets_[it->second];
+    bucket_of_[i] = it->second;
+    offset_[i] = bucket.numel;
     bucket.params.push_back(i);
-    it->second.second += bytes;
+    bucket.numel += p.numel();
   }
 
   const int64_t world = group_->getSize(), rank = group_->getRank();
   for (Bucket& bucket : buckets_) {
-    const at::Tensor& first = params_[bucket.params.front()];
-    int64_t numel = 0;
-    for (int64_t j : bucket.params) numel += params_[j].numel();
-    numel = (numel + world - 1) / world * world;  // so that every rank's shard is the same size
-    bucket.buffer = at::zeros({numel}, first.options().requires_grad(false));
-    bucket.shard = reduce_scatter_ ? at::zeros({numel / world}, bucket.buffer.options())
-                                   : bucket.buffer.narrow(0, rank * (numel / world), numel / world);
+    // Padded so that every rank's shard is the same size.
+    const int64_t padded = (bucket.numel + world - 1) / world * world;
+    bucket.buffer = at::zeros({padded}, params_[bucket.params.front()].options().requires_grad(false));
+    bucket.shard = reduce_scatter_ ? at::zeros({padded / world}, bucket.buffer.options())
+                                   : bucket.buffer.narrow(0, rank * (padded / world), padded / world);
     bucket.pending = static_cast<int64_t>(bucket.params.size());
   }
 }
@@ -111,7 +108,6 @@ void GradBucketReducer::start(Bucket& bucket) {
     std::vector<at::Tensor> tensors{bucket.buffer};
     bucket.work = group_->allreduce(tensors);
   }
-  bucket.started = true;
 }
 
 void GradBucketReducer::finish() {
@@ -126,7 +122,6 @@ void GradBucketReducer::finish() {
     if (!averages_before_sum(bucket)) {
       (reduce_scatter_ ? bucket.shard : bucket.buffer).div_(world);
     }
-    bucket.started = false;
     bucket.pending = static_cast<int64_t>(bucket.params.size());
   }
   std::fill(ready_.begin(), ready_.end(), false);

@@ -56,10 +56,10 @@ class GradBucketReducer {
  private:
   struct Bucket {
     std::vector<int64_t> params;
+    int64_t numel = 0;  // of the parameters, before padding
     at::Tensor buffer;
     at::Tensor shard;
     int64_t pending = 0;
-    bool started = false;
     c10::intrusive_ptr<c10d::Work> work;
   };
 
