@@ -85,14 +85,10 @@ def add_plan_arguments(p) -> None:
 
 
 def plan_from_args(args):
-    """The planner's inputs from parsed flags (shared by `plan` and `train --plan`)."""
-    import dataclasses
+    """The planner's inputs (model, cluster, precision, calibration) from parsed flags."""
+    from .plan import DEFAULT_CALIBRATION, PRECISIONS, PRESETS, ClusterSpec, ModelSpec, from_bench_results
 
-    from .plan import PRECISIONS, PRESETS, ClusterSpec, ModelSpec, from_bench_results, DEFAULT_CALIBRATION
-
-    shape = {}
-    if args.preset:
-        shape = {k: v for k, v in PRESETS[args.preset].__dict__.items()}
+    shape = dict(vars(PRESETS[args.preset])) if args.preset else {}
     for flag in MODEL_FLAGS + ("mlp",):
         value = getattr(args, flag)
         if value is not None:
@@ -111,7 +107,7 @@ def plan_from_args(args):
     if args.calibrate:
         calibration = from_bench_results(args.calibrate, cluster.gpu.name, peak_tflops=cluster.gpu.bf16_tflops,
                                          intra_node_gbps=cluster.gpu.intra_node_gbps)
-    return model, cluster, PRECISIONS[args.precision], dataclasses.replace(calibration)
+    return model, cluster, PRECISIONS[args.precision], calibration
 
 
 def run_plan(args) -> int:

@@ -85,6 +85,18 @@ def _check_device_backend(op: str, group, x):
                          f"{x.device}); gloo serves CPU tensors, NCCL CUDA tensors") from None
 
 
+def _prepare(op: str, x, weight, group: GroupLike, dim_name: str, dim, chunks):
+    """Every check of a matmul op before its collectives start (the cross-rank one first, in
+    debug mode, so that ranks passing different shapes fail together); returns the group, its
+    name and the split dimension, normalised."""
+    group, name = _resolve(op, group)
+    if _debug.enabled():
+        _debug.check_same_on_all_ranks(op, group, x.device, [x, weight], [dim, chunks])
+    dim = _check_matmul_args(op, x, weight, dim_name, dim, chunks)
+    _check_device_backend(op, group, x)
+    return group, name, dim
+
+
 # ------------------------------------------------------------------------- custom ops
 
 @torch.library.register_fake("hybridpar::all_gather_matmul")
@@ -164,12 +176,8 @@ def all_gather_matmul(x: Tensor, weight: Tensor, group: GroupLike = None, gather
     Backward: ``grad_x = reduce_scatter(grad @ weight)`` by :func:`matmul_reduce_scatter`'s
     chunked path, and ``grad_weight = grad^T @ gathered`` while those reduce-scatters run.
     """
-    op = "all_gather_matmul"
-    group, name = _resolve(op, group)
-    if _debug.enabled():
-        _debug.check_same_on_all_ranks(op, group, x.device, [x, weight], [gather_dim, chunks])
-    gather_dim = _check_matmul_args(op, x, weight, "gather_dim", gather_dim, chunks)
-    _check_device_backend(op, group, x)
+    group, name, gather_dim = _prepare("all_gather_matmul", x, weight, group, "gather_dim",
+                                       gather_dim, chunks)
     if _backend.requested() == "reference":
         out, gathered = ref.all_gather_matmul(x, weight, group, gather_dim)
     else:
@@ -189,15 +197,11 @@ def matmul_reduce_scatter(x: Tensor, weight: Tensor, group: GroupLike = None,
     path, with ``grad_weight = all_gather(grad)^T @ x`` accumulated chunk by chunk as the
     gathered gradient arrives.
     """
-    op = "matmul_reduce_scatter"
-    group, name = _resolve(op, group)
-    if _debug.enabled():
-        _debug.check_same_on_all_ranks(op, group, x.device, [x, weight], [scatter_dim, chunks])
-    scatter_dim = _check_matmul_args(op, x, weight, "scatter_dim", scatter_dim, chunks)
-    _check_device_backend(op, group, x)
+    group, name, scatter_dim = _prepare("matmul_reduce_scatter", x, weight, group, "scatter_dim",
+                                        scatter_dim, chunks)
     world = group.size()
     if x.shape[scatter_dim] % world:
-        raise ValueError(f"{op}: x.shape[{scatter_dim}] = {x.shape[scatter_dim]} cannot be split "
+        raise ValueError(f"matmul_reduce_scatter: x.shape[{scatter_dim}] = {x.shape[scatter_dim]} cannot be split "
                          f"evenly over the {world} ranks of the group")
     if _backend.requested() == "reference":
         return ref.matmul_reduce_scatter(x, weight, group, scatter_dim)

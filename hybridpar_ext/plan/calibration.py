@@ -62,9 +62,9 @@ def from_bench_results(results_dir: str, gpu_name: str, base: Calibration = DEFA
         for row in data.get("rows", []):
             if row.get("op") != "all_gather_matmul" or not row.get("matmul_ms"):
                 continue
-            rows, k = eval_shape(row["x"])
+            rows, k = _parse_shape(row["x"])
             world = row.get("world", 1)
-            n, _ = eval_shape(row["weight"])
+            n, _ = _parse_shape(row["weight"])
             tflops = 2 * rows * world * k * n / (row["matmul_ms"] * 1e-3) / 1e12
             if peak_tflops:
                 achieved = tflops / peak_tflops
@@ -80,6 +80,6 @@ def from_bench_results(results_dir: str, gpu_name: str, base: Calibration = DEFA
     return replace(base, **updates) if updates else base
 
 
-def eval_shape(text: str):
+def _parse_shape(text: str):
     """'(8192, 8192)' -> (8192, 8192)."""
     return tuple(int(v) for v in text.strip("() ").split(",") if v.strip())

@@ -97,6 +97,13 @@ def layer_forward_flops_per_token(m: ModelSpec) -> float:
     return gemms + 4 * m.seq * h
 
 
+def recompute_flops_per_token(m: ModelSpec, recompute: str) -> float:
+    """What recomputation adds per token and layer: the attention core (selective) or the
+    whole forward (full)."""
+    return {"none": 0.0, "selective": 4 * m.seq * m.hidden,
+            "full": layer_forward_flops_per_token(m)}[recompute]
+
+
 def step_flops(m: ModelSpec, global_batch: int, recompute: str = "none"):
     """(model FLOPs, hardware FLOPs) of one step over ``global_batch`` sequences; hardware
     FLOPs include recomputation, model FLOPs do not (the MFU convention)."""
@@ -104,8 +111,7 @@ def step_flops(m: ModelSpec, global_batch: int, recompute: str = "none"):
     layer = layer_forward_flops_per_token(m)
     logits = 2 * m.hidden * m.vocab
     model = 3 * tokens * (m.layers * layer + logits)
-    extra = {"none": 0.0, "selective": 4 * m.seq * m.hidden, "full": layer}[recompute]
-    return model, model + tokens * m.layers * extra
+    return model, model + tokens * m.layers * recompute_flops_per_token(m, recompute)
 
 
 # ------------------------------------------------------------------------- activations
@@ -201,9 +207,8 @@ def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Pre
     gpu = cluster.gpu
     t, p, d, b = layout.tp, layout.pp, layout.dp, layout.microbatch
     tokens_mb = b * m.seq
-    layer = layer_forward_flops_per_token(m)
-    recompute_extra = {"none": 0.0, "selective": 4 * m.seq * m.hidden, "full": layer}[layout.recompute]
-    layer_flops = tokens_mb * (3 * layer + recompute_extra) * stage_layers(m, layout)
+    layer = 3 * layer_forward_flops_per_token(m) + recompute_flops_per_token(m, layout.recompute)
+    layer_flops = tokens_mb * layer * stage_layers(m, layout)
     logits_flops = tokens_mb * 3 * 2 * m.hidden * m.vocab
     rate = gpu.bf16_tflops * 1e12 * calib.gemm_efficiency(m.hidden, t)
     # The last stage also computes the logits; the slowest stage paces the pipeline.

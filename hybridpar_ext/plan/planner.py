@@ -1,6 +1,6 @@
 """Enumerate the layouts of a model on a cluster, predict each, keep what fits, rank."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 from . import costs
@@ -167,7 +167,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, global_batch: int, top: int = 5
             + ("" if layout_options.get("uneven_stages") else
                f"; or pipeline depths that do not divide the {model.layers} layers "
                "(uneven_stages=True, --uneven-stages)"))
-    best = [Prediction(**{**p.__dict__, "lost_on": _lost_on(p, fitting[0])}) for p in fitting[:top]]
+    best = [replace(p, lost_on=_lost_on(p, fitting[0])) for p in fitting[:top]]
     return Plan(model, cluster, global_batch, best, len(predictions),
                 len(predictions) - len(fitting), smallest, usable, calibration)
 

@@ -9,9 +9,11 @@ Llama Team 2024, "The Llama 3 Herd of Models", Table 4: Llama 3 405B on H100 (8 
 sequence 8192, 16M tokens per batch, BF16 MFU (model FLOPs, no recomputation).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .specs import PRESETS, ModelSpec
+from . import planner
+from .calibration import DEFAULT
+from .specs import PRESETS, ClusterSpec, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,7 @@ def compare(run: PublishedRun, calibration=None) -> dict:
     microbatching of it that fits, or of the nearest pipeline depth if it cannot split the
     layers so), the error against the reported per-GPU throughput, and the layout the
     planner itself recommends with the run's features."""
-    from dataclasses import replace as _replace
-
-    from . import planner
-    from .calibration import DEFAULT
-    from .specs import ClusterSpec
-
-    calib = _replace(calibration or DEFAULT, **run.calibration_overrides)
+    calib = replace(calibration or DEFAULT, **run.calibration_overrides)
     cluster = ClusterSpec.of(run.gpu, run.gpus)
     predictions = [planner.predict(run.model, cluster, layout, run.global_batch, calib=calib)
                    for layout in planner.layouts(run.model, cluster, run.global_batch,
