@@ -1,8 +1,7 @@
-"""A decoder-only transformer in plain PyTorch, built from :mod:`hybridpar_ext.nn`.
-
-Pre-norm blocks whose residual add is fused into the next norm: each block takes and returns
-``(x, residual)``, and ``norm(x, residual)`` computes ``h = x + residual`` and ``norm(h)``
-in one kernel. The model knows nothing of parallelism; that is applied from outside.
+"""A decoder-only transformer in plain PyTorch, built from :mod:`hybridpar_ext.nn`
+(pre-norm :class:`~hybridpar_ext.nn.TransformerLayer` blocks with the residual add fused into
+the next norm). The model knows nothing of parallelism: :func:`hybridpar_ext.parallel.parallelize`
+applies it from outside.
 """
 
 from dataclasses import dataclass
@@ -13,8 +12,7 @@ import torch.nn.functional as F
 
 from .. import nn as hnn
 
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+NORMS, MLPS = hnn.transformer.NORMS, hnn.transformer.ACTIVATIONS
 
 
 @dataclass
@@ -69,48 +67,9 @@ class GPTConfig:
         return self.layers * layer + embed + norm
 
 
-def make_norm(config: GPTConfig, **factory):
-    if config.norm == "rmsnorm":
-        return hnn.RMSNorm(config.hidden, eps=config.norm_eps, **factory)
-    return hnn.LayerNorm(config.hidden, eps=config.norm_eps, **factory)
-
-
-class MLP(torch.nn.Module):
-    """GELU: ``fc2(gelu(fc1(x)))``. SwiGLU: ``fc2(silu(gate) * up)`` with ``fc1`` producing
-    ``[gate; up]`` stacked on its output dimension."""
-
-    def __init__(self, config: GPTConfig, **factory):
-        super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        width = 2 * config.ffn if self.swiglu else config.ffn
-        self.fc1 = torch.nn.Linear(config.hidden, width, bias=False, **factory)
-        self.fc2 = torch.nn.Linear(config.ffn, config.hidden, bias=False, **factory)
-
-    def forward(self, x):
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.fc2(F.silu(gate) * up)
-        return self.fc2(F.gelu(h, approximate="tanh"))
-
-
-class TransformerLayer(torch.nn.Module):
-    def __init__(self, config: GPTConfig, **factory):
-        super().__init__()
-        self.norm1 = make_norm(config, **factory)
-        self.attn = hnn.Attention(config.hidden, config.heads, config.kv_heads, bias=False,
-                                  rope=True, rope_theta=config.rope_theta, causal=True, **factory)
-        self.norm2 = make_norm(config, **factory)
-        self.mlp = MLP(config, **factory)
-
-    def forward(self, x, residual=None):
-        """``(x, residual) -> (mlp_out, residual)``; the block's output is their sum."""
-        if residual is None:
-            y, residual = self.norm1(x), x
-        else:
-            y, residual = self.norm1(x, residual)
-        y, residual = self.norm2(self.attn(y), residual)
-        return self.mlp(y), residual
+def make_layer(config: GPTConfig, **factory) -> hnn.TransformerLayer:
+    return hnn.TransformerLayer(config.hidden, config.heads, config.kv_heads, config.ffn, config.norm,
+                                config.mlp, config.rope_theta, config.norm_eps, **factory)
 
 
 class GPT(torch.nn.Module):
@@ -123,8 +82,8 @@ class GPT(torch.nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.config = config
         self.embed = torch.nn.Embedding(config.vocab_size, config.hidden, **factory)
-        self.layers = torch.nn.ModuleList(TransformerLayer(config, **factory) for _ in range(config.layers))
-        self.norm = make_norm(config, **factory)
+        self.layers = torch.nn.ModuleList(make_layer(config, **factory) for _ in range(config.layers))
+        self.norm = hnn.make_norm(config.norm, config.hidden, config.norm_eps, **factory)
         self.lm_head = torch.nn.Linear(config.hidden, config.vocab_size, bias=False, **factory)
         if config.tied_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -45,8 +45,11 @@ class Attention(torch.nn.Module):
         self.out_proj = torch.nn.Linear(num_heads * head_dim, dim, bias=bias, **factory)
 
     def forward(self, x, positions=None, cu_seqlens=None, max_seqlen=None):
-        lead = x.shape[:-1]
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x)
+        # Shapes from the projection, not from x: a sequence-parallel projection gathers the
+        # sequence, so its output is longer than its input.
+        lead = qkv.shape[:-1]
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
              self.num_kv_heads * self.head_dim], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
@@ -54,8 +57,8 @@ class Attention(torch.nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.rope:
             if positions is None:
-                positions = (packed_positions(cu_seqlens, x.shape[0]) if cu_seqlens is not None
-                             else torch.arange(x.shape[-2], device=x.device))
+                positions = (packed_positions(cu_seqlens, qkv.shape[0]) if cu_seqlens is not None
+                             else torch.arange(qkv.shape[-2], device=x.device))
             cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ops.attention(q, k, v, causal=self.causal, window=self.window,
