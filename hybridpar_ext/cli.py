@@ -154,8 +154,15 @@ def main(argv=None) -> int:
     p_plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_plan.add_argument("--compare-published", action="store_true",
                         help="the planner against published large-scale runs")
+    from .train import add_train_arguments
+    p_train = sub.add_parser("train", help="train a GPT with DP x TP x PP (launches torchrun itself)")
+    add_train_arguments(p_train)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        from .train import main as train_main
+        return train_main(args, argv)
     if args.command == "plan":
         return run_plan(args)
     if args.command == "info":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from .mappings import copy_to_tp, reduce_from_tp, reduce_scatter_to_sequence
+from .mappings import all_reduce_flat, copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
 
 SEQ_DIM = 1
 
@@ -49,12 +49,15 @@ class _ColumnLinear(torch.autograd.Function):
 
 class _ParallelLinear(torch.nn.Module):
     """The weight of a Linear(in_features, out_features) split over TP along `split_dim`
-    (0: output features, 1: input features); the bias, if any, has the output's width."""
+    (0: output features, 1: input features); the bias, if any, has the output's width.
+    ``overlap=False`` runs each collective before or after its matmul instead of inside it:
+    the same numbers, for measuring what the overlap buys."""
 
     def __init__(self, in_features, out_features, tp_group, split_dim, bias, sequence_parallel,
-                 chunks, device, dtype):
+                 chunks, overlap, device, dtype):
         super().__init__()
         self.tp_group, self.sequence_parallel, self.chunks = tp_group, sequence_parallel, chunks
+        self.overlap = overlap
         self.in_features, self.out_features = in_features, out_features
         shape = [out_features, in_features]
         name = ("out_features", "in_features")[split_dim]
@@ -72,12 +75,16 @@ class ColumnParallelLinear(_ParallelLinear):
     all-gathered inside the matmul."""
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
-                 chunks=ops.comm.DEFAULT_CHUNKS, device=None, dtype=None):
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
         super().__init__(in_features, out_features, tp_group, 0, bias, sequence_parallel, chunks,
-                         device, dtype)
+                         overlap, device, dtype)
 
     def forward(self, x):
-        if self.sequence_parallel:
+        if not self.overlap:
+            x = (gather_from_sequence(x, SEQ_DIM, self.tp_group) if self.sequence_parallel
+                 else copy_to_tp(x, self.tp_group))
+            y = F.linear(x, self.weight)
+        elif self.sequence_parallel:
             y = ops.all_gather_matmul(x, self.weight, self.tp_group, gather_dim=SEQ_DIM, chunks=self.chunks)
         else:
             y = _ColumnLinear.apply(x, self.weight, self.tp_group)
@@ -90,15 +97,17 @@ class RowParallelLinear(_ParallelLinear):
     ``sequence_parallel`` reduce-scattered along the sequence inside the matmul."""
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
-                 chunks=ops.comm.DEFAULT_CHUNKS, device=None, dtype=None):
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
         super().__init__(in_features, out_features, tp_group, 1, bias, sequence_parallel, chunks,
-                         device, dtype)
+                         overlap, device, dtype)
         if self.bias is not None:
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x):
-        if self.sequence_parallel:
+        if self.sequence_parallel and self.overlap:
             y = ops.matmul_reduce_scatter(x, self.weight, self.tp_group, scatter_dim=SEQ_DIM, chunks=self.chunks)
+        elif self.sequence_parallel:
+            y = reduce_scatter_to_sequence(F.linear(x, self.weight), SEQ_DIM, self.tp_group)
         else:
             y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
         return y if self.bias is None else y + self.bias
@@ -177,12 +186,5 @@ def vocab_parallel_cross_entropy(logits_shard, targets, tp_group, vocab_start=No
 def all_reduce_sequence_parallel_grads(module, tp_group):
     """Sum over TP the gradients that sequence parallelism leaves partial (marked
     ``param.sequence_parallel``), one collective for all of them."""
-    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    all_reduce_flat([p.grad for p in module.parameters()
+                     if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)

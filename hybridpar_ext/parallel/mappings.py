@@ -11,6 +11,18 @@ def _all_reduce(x, group):
     return x
 
 
+def all_reduce_flat(tensors, group):
+    """Sum each tensor over `group` in place, one collective for all of them."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _split(x, dim, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[dim] % world:
