@@ -72,6 +72,8 @@ setup(
     # kernels/ sits at the top of the repository and ships as hybridpar_ext.kernels.
     packages=find_packages(include=["hybridpar_ext", "hybridpar_ext.*"]) + ["hybridpar_ext.kernels"],
     package_dir={"hybridpar_ext.kernels": "kernels"},
+    # The trainer's default text (byte-level): the opening of Shakespeare's Coriolanus.
+    package_data={"hybridpar_ext": ["data/*.txt"]},
     ext_modules=[extension()],
     cmdclass={"build": Build, "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -72,6 +72,13 @@ def add_train_arguments(p) -> None:
     launch.add_argument("--rdzv-id", default="hybridpar")
 
 
+def parse_args(argv) -> argparse.Namespace:
+    """The trainer's flags alone (for programs that drive :class:`Trainer` themselves)."""
+    p = argparse.ArgumentParser(prog="python -m hybridpar_ext train")
+    add_train_arguments(p)
+    return p.parse_args(list(argv))
+
+
 def model_config(args):
     from .models import GPTConfig
 

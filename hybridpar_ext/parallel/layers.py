@@ -162,7 +162,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         softmax, local_target, outside = ctx.saved_tensors
-        grad_logits = softmax.clone()
+        grad_logits = softmax.clone(memory_format=torch.contiguous_format)
         rows = grad_logits.view(-1, grad_logits.shape[-1])
         hit = (~outside).view(-1)
         idx = torch.arange(rows.shape[0], device=rows.device)
