@@ -113,3 +113,52 @@ def check_mesh(rank, world):
 
 def test_mesh_layout_and_errors():
     assert run_ranks(check_mesh, 8, timeout=240) == [True] * 8
+
+
+def check_blocks(rank, world):
+    """ParallelTransformerLayer against the plain TransformerLayer it was split from: kv heads
+    replicated (1 < tp) and split, LayerNorm/GELU and RMSNorm/SwiGLU, with and without SP."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hybridpar_ext import nn as hnn
+    from hybridpar_ext import parallel
+
+    group = dist.group.WORLD
+    hidden, heads, ffn, seq = 64, 4, 40, 8
+    for kv, norm, act in ((1, "layernorm", "gelu"), (world, "rmsnorm", "swiglu"), (heads, "layernorm", "swiglu")):
+        config = SimpleNamespace(hidden=hidden, heads=heads, kv_heads=kv, mlp=act)
+        torch.manual_seed(0)
+        plain = hnn.TransformerLayer(hidden, heads, kv, ffn, norm, act)
+        x_full, r_full, dy_full = (_randn((1, seq, hidden), s) for s in (10, 11, 12))
+        x_ref, r_ref = x_full.clone().requires_grad_(), r_full.clone().requires_grad_()
+        out_ref, res_ref = plain(x_ref, r_ref)
+        (out_ref * dy_full + res_ref * dy_full.flip(-1)).sum().backward()
+        for sp in (False, True):
+            block = parallel.ParallelTransformerLayer(hidden, heads, kv, ffn, group, norm, act,
+                                                      sequence_parallel=sp, chunks=2)
+            block.load_state_dict({n: parallel.split_tensor(n, t, config, world, rank)
+                                   for n, t in plain.state_dict().items()})
+            seq_slice = slice(rank * seq // world, (rank + 1) * seq // world) if sp else slice(None)
+            x = x_full[:, seq_slice].clone().requires_grad_()
+            r = r_full[:, seq_slice].clone().requires_grad_()
+            out, res = block(x, r)
+            dy = dy_full[:, seq_slice]
+            (out * dy + res * dy.flip(-1)).sum().backward()
+            parallel.sync_tensor_parallel_grads(block, group)
+            tag = f"kv={kv} {norm} {act} sp={sp}"
+            _close(out, out_ref[:, seq_slice], f"{tag} out")
+            _close(x.grad, x_ref.grad[:, seq_slice], f"{tag} grad x")
+            _close(r.grad, r_ref.grad[:, seq_slice], f"{tag} grad residual")
+            for name, p in block.named_parameters():
+                parts = [torch.empty_like(p.grad) for _ in range(world)]
+                dist.all_gather(parts, p.grad, group=group)
+                full = parallel.merge_tensors(name, parts, config)
+                _close(full, dict(plain.named_parameters())[name].grad, f"{tag} grad {name}")
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_transformer_layer_matches_its_plain_twin(world):
+    assert run_ranks(check_blocks, world, timeout=180) == [True] * world

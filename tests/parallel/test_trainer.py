@@ -1,0 +1,82 @@
+"""The trainer: its configuration errors (the same message on every rank, before any
+collective), and the CLI end to end under torchrun (launching itself, the metrics file,
+--plan)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybridpar_ext.testing import run_ranks
+
+BAD = [
+    (["--hidden", "96", "--heads", "6", "--tp", "4"],
+     "heads (6) must be divisible by the tensor-parallel size (4)"),
+    (["--layers", "2", "--pp", "4"], "layers (2) must be at least the number of pipeline stages (4)"),
+    (["--tp", "4", "--sp", "--seq", "30"], "seq (30) must be divisible by the tensor-parallel size (4)"),
+    (["--pp", "4", "--microbatches", "2"],
+     "microbatches (2) must be at least the number of pipeline stages (4)"),
+    (["--dp", "2"], "dp * tp * pp = 2 * 1 * 1 = 2 processes, but the world size is 4"),
+    (["--dp", "4", "--global-batch", "6"], "global batch (6) must be divisible by dp * microbatches = 4 * 1 = 4"),
+    (["--tp", "4", "--vocab", "258"], "vocab (258) must be divisible by the tensor-parallel size (4)"),
+]
+
+
+def check_messages(rank, world):
+    from hybridpar_ext.train import check_args, parse_args
+
+    messages = []
+    for flags, _ in BAD:
+        try:
+            check_args(parse_args(flags), world)
+            messages.append(None)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
+def test_wrong_configurations_give_the_same_message_on_every_rank():
+    results = run_ranks(check_messages, 4, timeout=120)
+    for i, (flags, expected) in enumerate(BAD):
+        assert all(r[i] is not None and expected in r[i] for r in results), (flags, [r[i] for r in results])
+        assert len({r[i] for r in results}) == 1
+
+
+def _cli(args, timeout, tmp_path):
+    # Outside the source tree, so the installed package is what runs.
+    return subprocess.run([sys.executable, "-m", "hybridpar_ext", "train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+
+
+def test_cli_stops_every_rank_on_a_world_size_mismatch(tmp_path):
+    out = _cli(["--nproc-per-node", "2", "--dp", "2", "--tp", "2", "--steps", "1"], 120, tmp_path)
+    assert out.returncode != 0
+    for rank in (0, 1):
+        assert (f"[rank {rank}] error: dp * tp * pp = 2 * 2 * 1 = 4 processes, but the world size is 2"
+                in out.stderr), out.stderr[-3000:]
+
+
+def test_cli_trains_with_the_planner_and_writes_metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    out = _cli(["--plan", "--nproc-per-node", "2", "--layers", "2", "--hidden", "64", "--heads", "4",
+                "--seq", "16", "--global-batch", "4", "--steps", "3", "--metrics-file", str(metrics)],
+               240, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "chosen by --plan" in out.stdout
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "loss", "tokens_per_s", "step_time_s", "bubble", "layout"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert "done: 3 steps" in out.stdout
+
+
+def test_cli_rejects_plan_with_a_layout():
+    from hybridpar_ext.train import check_args, parse_args
+
+    with pytest.raises(ValueError, match="--plan chooses the layout; drop --tp"):
+        check_args(parse_args(["--plan", "--tp", "2"]), 2)
