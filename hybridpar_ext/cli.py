@@ -157,9 +157,18 @@ def main(argv=None) -> int:
     from .train import add_train_arguments
     p_train = sub.add_parser("train", help="train a GPT with DP x TP x PP (launches torchrun itself)")
     add_train_arguments(p_train)
+    p_cmp = sub.add_parser("compare-runs", help="do two trainings' metrics files have the same losses?")
+    p_cmp.add_argument("metrics", nargs=2, help="two --metrics-file outputs: a run and its reference")
+    p_cmp.add_argument("--noise", help="the reference's training with only the summation order changed "
+                                       "(another --microbatches): how far rounding alone drifts")
+    p_cmp.add_argument("--exact-steps", type=int, default=5)
+    p_cmp.add_argument("--rtol", type=float, default=1e-5)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
+    if args.command == "compare-runs":
+        from .train import compare_runs
+        return compare_runs(*args.metrics, noise=args.noise, exact_steps=args.exact_steps, rtol=args.rtol)
     if args.command == "train":
         from .train import main as train_main
         return train_main(args, argv)

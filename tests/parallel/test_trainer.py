@@ -80,3 +80,26 @@ def test_cli_rejects_plan_with_a_layout():
 
     with pytest.raises(ValueError, match="--plan chooses the layout; drop --tp"):
         check_args(parse_args(["--plan", "--tp", "2"]), 2)
+
+
+def _metrics(path, losses, layout="dp1 tp1 pp1"):
+    path.write_text("".join(json.dumps({"step": i + 1, "loss": v, "layout": layout}) + "\n"
+                            for i, v in enumerate(losses)))
+    return str(path)
+
+
+def test_compare_runs_verdict(tmp_path, capsys):
+    from hybridpar_ext.train import compare_runs
+
+    ref = _metrics(tmp_path / "ref.jsonl", [5.0, 4.0, 3.0, 2.5])
+    noise = _metrics(tmp_path / "noise.jsonl", [5.0, 4.0, 3.0, 2.5 * (1 + 1e-3)])
+    drifted = _metrics(tmp_path / "drift.jsonl", [5.0, 4.0, 3.0, 2.5 * (1 + 1.5e-3)], "dp2 tp1 pp1")
+    assert compare_runs(drifted, ref, noise, exact_steps=3) == 0
+    assert "verdict: MATCH" in capsys.readouterr().out
+    # Beyond twice the drift of rounding alone.
+    far = _metrics(tmp_path / "far.jsonl", [5.0, 4.0, 3.0, 2.5 * (1 + 3e-3)])
+    assert compare_runs(far, ref, noise, exact_steps=3) == 1
+    # A difference in the first steps is a bug, whatever the drift later.
+    early = _metrics(tmp_path / "early.jsonl", [5.0, 4.001, 3.0, 2.5])
+    assert compare_runs(early, ref, noise, exact_steps=3) == 1
+    assert "verdict: MISMATCH" in capsys.readouterr().out
