@@ -3,7 +3,7 @@ import sys
 
 from . import runner
 
-FAMILIES = ("norms", "attention", "comm")
+FAMILIES = ("norms", "attention", "comm", "parallel")
 
 
 def main(argv=None) -> int:
