@@ -101,9 +101,7 @@ def choose_layout(args, config, world: int) -> None:
             from .plan.specs import GPU_NAMES
             name = torch.cuda.get_device_name().lower()
             gpu = next((k for k in sorted(GPU_NAMES, key=len, reverse=True) if k.split("-")[0] in name), gpu)
-        spec = ModelSpec(layers=config.layers, hidden=config.hidden, heads=config.heads,
-                         kv_heads=config.kv_heads, ffn=config.ffn, vocab=config.vocab_size, seq=args.seq,
-                         mlp=config.mlp, norm=config.norm, tied_embeddings=config.tied_embeddings)
+        spec = ModelSpec.from_gpt_config(config, seq=args.seq)
         per_node = world // args.nnodes
         try:
             result = plan(spec, ClusterSpec.of(gpu, world, per_node), args.global_batch, top=1000)

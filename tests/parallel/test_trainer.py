@@ -103,3 +103,24 @@ def test_compare_runs_verdict(tmp_path, capsys):
     early = _metrics(tmp_path / "early.jsonl", [5.0, 4.001, 3.0, 2.5])
     assert compare_runs(early, ref, noise, exact_steps=3) == 1
     assert "verdict: MISMATCH" in capsys.readouterr().out
+
+
+def test_launcher_passes_torchrun_its_flags(monkeypatch):
+    from hybridpar_ext import train
+
+    calls = []
+    monkeypatch.setattr(train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    for var in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["train", "--dp", "2", "--tp", "2", "--pp", "2", "--nnodes", "2", "--node-rank", "1",
+            "--rdzv-endpoint", "head:29400"]
+    assert train.main(train.parse_args(argv[1:]), argv) == 0
+    cmd, env = calls[0]
+    i = cmd.index("torch.distributed.run")
+    assert cmd[i + 1:i + 3] == ["--nproc-per-node", "4"]   # 8 processes over 2 nodes
+    assert cmd[cmd.index("--node-rank") + 1] == "1" and cmd[cmd.index("--rdzv-endpoint") + 1] == "head:29400"
+    assert cmd[cmd.index("-m", i) + 1:] == ["hybridpar_ext", *argv]
+    assert env["OMP_NUM_THREADS"] == "1"
+    calls.clear()
+    assert train.main(train.parse_args(["--dp", "3"]), ["train", "--dp", "3"]) == 0
+    assert "--standalone" in calls[0][0] and calls[0][0][calls[0][0].index("--nproc-per-node") + 1] == "3"
