@@ -173,10 +173,13 @@ class Batches:
 
 
 def flops_per_token(config, seq: int) -> float:
-    """Training FLOPs per token: 6 per weight of every matmul (LM head included, embedding
-    lookup not) and the causal attention scores and values (half of 12 * layers * hidden * seq)."""
-    matmul_params = config.num_parameters() - config.vocab_size * config.hidden * (0 if config.tied_embeddings else 1)
-    return 6 * matmul_params + 6 * config.layers * config.hidden * seq
+    """Training FLOPs per token: 6 per weight of every matmul (the projections, the MLP and the
+    LM head; not the embedding lookup or the norms) and the causal attention's scores and
+    values (half of 12 * layers * hidden * seq)."""
+    h, kv = config.hidden, config.kv_heads * config.head_dim
+    mlp = (3 if config.mlp == "swiglu" else 2) * h * config.ffn
+    matmul_weights = config.layers * (h * (h + 2 * kv) + h * h + mlp) + config.vocab_size * h
+    return 6 * matmul_weights + 6 * config.layers * h * seq
 
 
 class Trainer:
@@ -232,15 +235,17 @@ class Trainer:
                 "tokens_per_s": tokens / elapsed, "bubble": report[1].item() / dist.get_world_size()}
 
 
-def _log(args, record: dict, gpu_peak):
+def _log(args, record: dict):
     from .parallel import ideal_bubble
 
     line = (f"step {record['step']:>4}/{args.steps} | loss {record['loss']:.4f} | "
             f"{record['tokens_per_s']:,.0f} tokens/s | step {record['step_time_s'] * 1e3:.1f} ms")
     if args.pp > 1:
         line += f" | bubble {record['bubble']:.2f} (ideal {ideal_bubble(args.pp, args.microbatches):.2f})"
-    if gpu_peak:
-        line += f" | mem {record['memory_gib']:.2f} GiB | MFU {record['mfu']:.1%}"
+    if "memory_gib" in record:
+        line += f" | mem {record['memory_gib']:.2f} GiB"
+    if "mfu" in record:
+        line += f" | MFU {record['mfu']:.1%}"
     if not args.quiet:
         print(line, flush=True)
 
@@ -287,14 +292,15 @@ def _train(args, config, device, rank, world) -> int:
         for step in range(1, args.steps + 1):
             record = {"step": step, **trainer.step(step)}
             record["ideal_bubble"] = ideal_bubble(args.pp, args.microbatches)
-            if gpu_peak:
+            if device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if gpu_peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.seq) / (gpu_peak * world)
             record.update(layout=f"dp{args.dp} tp{args.tp} pp{args.pp}", sp=args.sp,
                           microbatches=args.microbatches, zero=args.zero, overlap=not args.no_overlap)
             records.append(record)
             if rank == 0:
-                _log(args, record, gpu_peak)
+                _log(args, record)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()

@@ -124,3 +124,26 @@ def test_launcher_passes_torchrun_its_flags(monkeypatch):
     calls.clear()
     assert train.main(train.parse_args(["--dp", "3"]), ["train", "--dp", "3"]) == 0
     assert "--standalone" in calls[0][0] and calls[0][0][calls[0][0].index("--nproc-per-node") + 1] == "3"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cli_trains_on_a_gpu_with_nccl(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    out = _cli(["--layers", "2", "--hidden", "256", "--heads", "4", "--seq", "256", "--global-batch", "8",
+                "--steps", "4", "--metrics-file", str(metrics)], 300, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nccl, bfloat16" in out.stdout
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all(r["memory_gib"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_flops_per_token_by_hand():
+    from hybridpar_ext.models import GPTConfig
+    from hybridpar_ext.train import flops_per_token
+
+    # 2 layers, hidden 64, 4 heads of 16 with 2 kv heads, SwiGLU ffn 96, vocab 100, seq 32:
+    # qkv 64*(64+2*32) + out 64*64 + mlp 3*64*96 = 8192 + 4096 + 18432 per layer; head 6400.
+    config = GPTConfig(vocab_size=100, layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, mlp="swiglu")
+    assert flops_per_token(config, 32) == 6 * (2 * 30720 + 6400) + 6 * 2 * 64 * 32
