@@ -14,6 +14,7 @@ from hybridpar_ext.models import GPT, GPTConfig
 from hybridpar_ext.plan import (DEFAULT_CALIBRATION, PRECISIONS, PRESETS, ClusterSpec, Layout,
                                 ModelSpec, PlanError, costs, format_plan, layouts, plan, predict)
 from hybridpar_ext.plan.published import RUNS, compare
+from hybridpar_ext.testing import run_ranks
 
 GPT3 = PRESETS["gpt3-175b"]
 
@@ -133,6 +134,58 @@ def test_memory_model_matches_the_cpu_gpt(kw):
     moments = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
     assert predicted.optimizer == nbytes(moments)  # (plus one 4-byte step counter per tensor)
     assert 0.75 * activations <= predicted.activations <= activations, (predicted.activations, activations)
+
+
+def parallel_state_bytes(rank, world, flags):
+    """Bytes of weights, gradients and Adam moments on this rank of the parallel trainer after
+    one step, and the planner's prediction for its pipeline stage."""
+    from hybridpar_ext.plan import costs as plan_costs
+    from hybridpar_ext.train import Trainer, check_args, parse_args
+
+    args = parse_args(flags)
+    config = check_args(args, world)
+    args.dtype = "float32"
+    trainer = Trainer(args, config, torch.device("cpu"))
+    trainer.step(1)
+    params = list(trainer.stage.parameters())
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    opt = trainer.optimizer.optimizer if args.zero else trainer.optimizer
+    moments = [t for state in opt.state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    layout = Layout(args.dp, args.tp, args.pp, args.global_batch // args.dp // args.microbatches,
+                    args.microbatches, args.sp, zero1=args.zero)
+    predicted = plan_costs.stage_params(ModelSpec.from_gpt_config(config, args.seq), layout, trainer.mesh.pp_rank)
+    padding = sum(r.buffers[b].numel() - sum(r.params[i].numel() for i in idx)
+                  for r in trainer.sync.reducers for b, idx in enumerate(r.bucket_indices))
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "moments": nbytes(moments),
+            "predicted_params": predicted, "padding": padding}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dp", "2", "--tp", "2", "--kv-heads", "1", "--zero"],          # kv heads replicated over TP
+    ["--tp", "2", "--pp", "2", "--untied"],                             # embedding and head on two stages
+    ["--dp", "2", "--pp", "2", "--mlp", "swiglu", "--norm", "rmsnorm"],  # the tied head's second copy
+], ids=["dp2-tp2-zero1", "tp2-pp2-untied", "dp2-pp2-tied"])
+def test_memory_model_matches_the_parallel_trainer(flags):
+    """Per rank of the DP x TP x PP trainer: the planner's parameters of its stage exactly
+    (weights and gradients, fp32); Adam's moments exactly twice that, or under ZeRO-1 the
+    rank's 1/dp of it plus the reducer's padding of each bucket to a multiple of dp. (The
+    planner models every stage with the layers of the fullest, so the splits here are even.)"""
+    base = ["--layers", "4", "--hidden", "64", "--heads", "4", "--ffn", "96", "--seq", "16",
+            "--global-batch", "4", "--microbatches", "2", "--steps", "1", "--data", "synthetic", "--vocab", "96"]
+    world = 1
+    for name in ("--dp", "--tp", "--pp"):
+        world *= int(flags[flags.index(name) + 1]) if name in flags else 1
+    results = run_ranks(parallel_state_bytes, world, timeout=120, flags=base + flags)
+    zero = "--zero" in flags
+    dp = int(flags[flags.index("--dp") + 1]) if "--dp" in flags else 1
+    stages = set()
+    for r in results:
+        stages.add(r["predicted_params"])
+        assert r["params"] == r["grads"] == 4 * r["predicted_params"], r
+        expected_moments = 8 * ((r["predicted_params"] + r["padding"]) / dp if zero else r["predicted_params"])
+        assert r["moments"] == expected_moments, r
+    if "--pp" in flags:
+        assert len(stages) == 2   # the two stages differ and each was checked against its own
 
 
 # --------------------------------------------------------------------------- the search
