@@ -93,18 +93,16 @@ def choose_layout(args, config, world: int) -> None:
         given = [f"--{k}" for k in ("dp", "tp", "pp", "microbatches") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"--plan chooses the layout; drop {', '.join(given)}")
+        from .hardware import gpu_spec
         from .parallel import check_parallel_config
         from .plan import ClusterSpec, ModelSpec, PlanError, plan
 
-        gpu = "h100"
-        if torch.cuda.is_available():
-            from .plan.specs import GPU_NAMES
-            name = torch.cuda.get_device_name().lower()
-            gpu = next((k for k in sorted(GPU_NAMES, key=len, reverse=True) if k.split("-")[0] in name), gpu)
-        spec = ModelSpec.from_gpt_config(config, seq=args.seq)
+        # The GPU this runs on if its datasheet is known; H100 figures otherwise (on a CPU too).
+        spec = gpu_spec(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
         per_node = world // args.nnodes
+        cluster = ClusterSpec(world, per_node, spec) if spec else ClusterSpec.of("h100", world, per_node)
         try:
-            result = plan(spec, ClusterSpec.of(gpu, world, per_node), args.global_batch, top=1000)
+            result = plan(ModelSpec.from_gpt_config(config, seq=args.seq), cluster, args.global_batch, top=1000)
         except PlanError as err:
             raise ValueError(f"--plan: {err}") from err
         for pred in result.best:
@@ -118,7 +116,7 @@ def choose_layout(args, config, world: int) -> None:
                 continue
             args.dp, args.tp, args.pp = lay.dp, lay.tp, lay.pp
             args.sp, args.microbatches, args.zero = lay.sequence_parallel, lay.microbatches, lay.zero1
-            args.plan_choice = f"{lay.describe()} (planner's model of {world} x {gpu})"
+            args.plan_choice = f"{lay.describe()} (planner's model of {world} x {cluster.gpu.name})"
             return
         raise ValueError(f"--plan: none of the planner's {len(result.best)} layouts for {world} processes "
                          "fits this model's divisibility rules")
