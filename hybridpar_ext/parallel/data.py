@@ -21,7 +21,8 @@ class GradientSync:
     """Averages a stage's gradients over ``dp_group``.
 
     ``overlap=True``: bucketed reductions start during the last backward of the step;
-    ``overlap=False``: one all-reduce per parameter after backward (for benchmarks). Wrap every
+    ``overlap=False``: one all-reduce per parameter after backward (for benchmarks; ZeRO-1
+    always uses the buckets). With one DP rank and no ZeRO-1 there is nothing to do. Wrap every
     backward of a step but the last in :meth:`no_sync`, then call :meth:`finish`.
     """
 
@@ -33,7 +34,8 @@ class GradientSync:
         self.whole = [p for p in params if after(p)]
         self.sliced = [p for p in params if not after(p)]
         self.reducers = []
-        if overlap or zero:
+        self.world = dist.get_world_size(dp_group)
+        if zero or (overlap and self.world > 1):
             for group_params, scatter in ((self.sliced, zero), (self.whole, False)):
                 if group_params:
                     self.reducers.append(ops.GradBucketReducer(group_params, dp_group, bucket_cap_mb,
@@ -50,7 +52,7 @@ class GradientSync:
         if self.reducers:
             for r in self.reducers:
                 r.finish()
-        else:
+        elif self.world > 1:
             all_reduce_gradients(self.whole + self.sliced, self.dp_group)
 
     def averaged_grads(self) -> dict:
