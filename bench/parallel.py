@@ -49,7 +49,7 @@ def _layout(dp=1, tp=1, pp=1, sp=False, microbatches=None, overlap=True, zero=Fa
     flags += ["--zero"] if zero else []
     name = f"dp{dp} tp{tp} pp{pp}" + (" sp" if sp else "") + (f" m{microbatches}" if microbatches else "") \
         + (" zero1" if zero else "")
-    return name, dp * tp * pp, flags
+    return name, dp * tp * pp, flags, pp, microbatches or pp
 
 
 def run(quick: bool = False):
@@ -59,14 +59,12 @@ def run(quick: bool = False):
     base = None
 
     def measure(section, layout, note=""):
-        name, procs, flags = layout
+        name, procs, flags, pp, m = layout
         if procs > max_procs:
             return None
         result = _train(flags, steps)
         if result is None:
             return None
-        pp = int(name.split(" pp")[1].split()[0])
-        m = int(name.split(" m")[1].split()[0]) if " m" in name else pp
         row = {"section": section, "layout": name, "processes": procs, "step_ms": result["step_ms"],
                "tokens_per_s": result["tokens_per_s"],
                "tokens_per_s_vs_1_process": result["tokens_per_s"] / base if base else 1.0,

@@ -55,7 +55,7 @@ def _qkv_rows(config, tp: int, rank: int):
     hd = config.hidden // config.heads
     local_kv, replicas = kv_heads_per_rank(config.heads, config.kv_heads, tp)
     q_per_rank = config.heads // tp * hd
-    first_kv = rank // replicas * local_kv if replicas > 1 else rank * local_kv
+    first_kv = rank // replicas * local_kv   # replicated: local_kv is 1; split: replicas is 1
     k0, v0 = config.heads * hd, (config.heads + config.kv_heads) * hd
     return [(rank * q_per_rank, (rank + 1) * q_per_rank),
             (k0 + first_kv * hd, k0 + (first_kv + local_kv) * hd),

@@ -17,6 +17,14 @@ from .. import ops
 from ..reference.comm import all_reduce_gradients
 
 
+def _bucket_views(reducer, bucket: int, flat: torch.Tensor):
+    """(param, its slice of `flat` shaped like it) for each parameter of a bucket, `flat`
+    being laid out like the bucket's buffer."""
+    for i in reducer.bucket_indices[bucket]:
+        p = reducer.params[i]
+        yield p, flat[reducer.offsets[i]:reducer.offsets[i] + p.numel()].view_as(p)
+
+
 class GradientSync:
     """Averages a stage's gradients over ``dp_group``.
 
@@ -61,12 +69,10 @@ class GradientSync:
         for r in self.reducers:
             if not r.reduce_scatter:
                 continue
-            for b, indices in enumerate(r.bucket_indices):
+            for b in range(r.num_buckets):
                 full = torch.empty_like(r.buffers[b])
                 dist.all_gather_into_tensor(full, r.shards[b], group=self.dp_group)
-                for i in indices:
-                    p = r.params[i]
-                    grads[p] = full[r.offsets[i]:r.offsets[i] + p.numel()].view_as(p)
+                grads.update(_bucket_views(r, b, full))
         return grads
 
 
@@ -87,11 +93,10 @@ class ZeroAdamW:
         self.dp, self.rank = dist.get_world_size(sync.dp_group), dist.get_rank(sync.dp_group)
         self.slices = []   # (reducer, bucket, master slice)
         for r in sync.reducers:
-            for b, indices in enumerate(r.bucket_indices):
+            for b in range(r.num_buckets):
                 flat = torch.zeros(r.buffers[b].numel(), dtype=torch.float32, device=r.buffers[b].device)
-                for i in indices:
-                    p = r.params[i]
-                    flat[r.offsets[i]:r.offsets[i] + p.numel()] = p.detach().reshape(-1)
+                for p, view in _bucket_views(r, b, flat):
+                    view.copy_(p.detach())
                 master = flat.chunk(self.dp)[self.rank].clone()
                 self.slices.append((r, b, master))
         self.optimizer = torch.optim.AdamW([m for _, _, m in self.slices], lr=lr, betas=betas, eps=eps,
@@ -109,9 +114,8 @@ class ZeroAdamW:
         for r, b, master in self.slices:
             full = torch.empty(r.buffers[b].numel(), dtype=torch.float32, device=master.device)
             dist.all_gather_into_tensor(full, master, group=self.sync.dp_group)
-            for i in r.bucket_indices[b]:
-                p = r.params[i]
-                p.copy_(full[r.offsets[i]:r.offsets[i] + p.numel()].view_as(p))
+            for p, view in _bucket_views(r, b, full):
+                p.copy_(view)
 
     def zero_grad(self, set_to_none: bool = True):
         for p in self.sync.whole + self.sync.sliced:

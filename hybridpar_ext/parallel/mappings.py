@@ -23,11 +23,15 @@ def all_reduce_flat(tensors, group):
         offset += t.numel()
 
 
-def _split(x, dim, group):
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+def _check_divisible(x, dim, world):
     if x.shape[dim] % world:
         raise ValueError(f"sequence parallel: dimension {dim} of size {x.shape[dim]} cannot be split "
                          f"over {world} tensor-parallel ranks")
+
+
+def _split(x, dim, group):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _check_divisible(x, dim, world)
     return x.chunk(world, dim=dim)[rank].contiguous()
 
 
@@ -40,9 +44,7 @@ def _gather(x, dim, group):
 
 def _reduce_scatter(x, dim, group):
     world = dist.get_world_size(group)
-    if x.shape[dim] % world:
-        raise ValueError(f"sequence parallel: dimension {dim} of size {x.shape[dim]} cannot be split "
-                         f"over {world} tensor-parallel ranks")
+    _check_divisible(x, dim, world)
     parts = [p.contiguous() for p in x.chunk(world, dim=dim)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)

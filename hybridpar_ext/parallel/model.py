@@ -107,12 +107,7 @@ class ParallelGPT(torch.nn.Module):
 
     def loss(self, logits, targets):
         """Mean cross-entropy over the tokens, from the vocabulary-sliced logits."""
-        return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_group,
-                                            vocab_start=self.lm_head_vocab_start).mean()
-
-    @property
-    def lm_head_vocab_start(self) -> int:
-        return self.mesh.tp_rank * (self.config.vocab_size // self.mesh.tp)
+        return vocab_parallel_cross_entropy(logits, targets, self.mesh.tp_group).mean()
 
     def activation_shape(self, microbatch: int, seq: int):
         """Shape of what passes between stages: ``(x, residual)`` stacked."""
@@ -142,8 +137,8 @@ class ParallelGPT(torch.nn.Module):
             return True
         if self.tied_across_stages and param is self.tied_weight():
             return True
-        return any(param is m.qkv.weight and m.kv_replicas > 1 for m in self.modules()
-                   if hasattr(m, "kv_replicas"))
+        return any(param is layer.attn.qkv.weight for layer in self.layers.values()
+                   if layer.attn.kv_replicas > 1)
 
 
 def parallelize(model, mesh, sequence_parallel: bool = False, chunks: int = ops.comm.DEFAULT_CHUNKS,
