@@ -188,7 +188,8 @@ class Trainer:
         from .parallel import GradientSync, PipelineSchedule, ZeroAdamW, init_mesh, parallelize
 
         self.args, self.config, self.device = args, config, device
-        self.mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp, device_type=device.type)
+        self.mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp, device_type=device.type,
+                              timeout=args.timeout)
         dtype = getattr(torch, args.dtype)
         torch.manual_seed(args.seed)
         full = GPT(config)   # the same full weights on every rank; each keeps its part

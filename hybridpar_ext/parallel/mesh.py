@@ -4,8 +4,9 @@ Tensor parallelism is innermost (neighbouring ranks, the fastest links: one node
 NVLink), then pipeline, then data parallelism: rank = (dp_index * pp + pp_index) * tp + tp_index.
 """
 
+import datetime
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -52,11 +53,26 @@ def _size(name: str, value) -> Optional[int]:
     return value
 
 
+def _world_timeout() -> Optional[datetime.timedelta]:
+    world = dist.group.WORLD
+    for device in world._device_types:
+        options = getattr(world._get_backend(device), "options", None)
+        timeout = getattr(options, "_timeout", None)
+        if timeout is not None:
+            return timeout
+    return None
+
+
 def init_mesh(dp: Optional[int] = None, tp: Optional[int] = None, pp: Optional[int] = None,
-              device_type: Optional[str] = None) -> ParallelMesh:
+              device_type: Optional[str] = None,
+              timeout: Union[float, datetime.timedelta, None] = None) -> ParallelMesh:
     """A (dp, pp, tp) DeviceMesh over the initialised world. At most one size may be None:
     it is inferred from the world size. Raises, on every rank alike, if ``dp * tp * pp`` is not
-    the world size."""
+    the world size.
+
+    ``timeout`` (seconds or a timedelta) bounds every collective on the mesh's groups; by
+    default it is the one given to ``init_process_group``.
+    """
     if not dist.is_initialized():
         raise RuntimeError("init_mesh: torch.distributed is not initialized (run under torchrun, or "
                            "call dist.init_process_group first)")
@@ -82,6 +98,16 @@ def init_mesh(dp: Optional[int] = None, tp: Optional[int] = None, pp: Optional[i
                          f"{sizes['dp'] * sizes['tp'] * sizes['pp']}, but the world size is {world}")
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = datetime.timedelta(seconds=timeout)
+    if timeout is not None and not (isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0):
+        raise ValueError(f"init_mesh: timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
     mesh = init_device_mesh(device_type, (sizes["dp"], sizes["pp"], sizes["tp"]),
                             mesh_dim_names=("dp", "pp", "tp"))
+    # A DeviceMesh makes its subgroups with c10d's default timeout (30 min on gloo, 10 on NCCL),
+    # not the world's: without this, a rank that hangs stalls its TP or PP peers for that long.
+    timeout = timeout or _world_timeout()
+    if timeout is not None:
+        for name in ("dp", "pp", "tp"):
+            mesh.get_group(name).set_timeout(timeout)
     return ParallelMesh(mesh, sizes["dp"], sizes["pp"], sizes["tp"])

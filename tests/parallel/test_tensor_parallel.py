@@ -105,7 +105,8 @@ def check_mesh(rank, world):
     assert inferred.dp == 2
     for kwargs, message in ((dict(dp=3, tp=2, pp=2), "dp=3 * tp=2 * pp=2 = 12, but the world size is 8"),
                             (dict(tp=3), "world size 8 is not divisible by tp=3 * pp=1 = 3, so dp cannot be inferred"),
-                            (dict(tp=0), "tp must be a positive int")):
+                            (dict(tp=0), "tp must be a positive int"),
+                            (dict(tp=2, pp=2, timeout=0), "timeout must be a positive number of seconds")):
         with pytest.raises(ValueError, match=re.escape(message)):
             init_mesh(**kwargs)
     return True
@@ -113,6 +114,41 @@ def check_mesh(rank, world):
 
 def test_mesh_layout_and_errors():
     assert run_ranks(check_mesh, 8, timeout=240) == [True] * 8
+
+
+def wait_for_a_stalled_peer(rank, world, stall):
+    """Rank 1 stalls outside any collective; rank 0 waits for it in their TP group, rank 3 in
+    their DP group. Each gets an error after the world's timeout, not c10d's 30 minutes."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel import init_mesh
+
+    mesh = init_mesh(dp=2, tp=2)
+    if rank == 1:
+        time.sleep(stall)
+        return None
+    group = {0: mesh.tp_group, 3: mesh.dp_group}.get(rank)
+    if group is None:
+        return None
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(3), group=group)
+    except RuntimeError as err:
+        return [time.monotonic() - start, str(err)]
+    return [time.monotonic() - start, None]
+
+
+def test_mesh_groups_time_out_like_the_world():
+    timeout, stall = 2, 12
+    results = run_ranks(wait_for_a_stalled_peer, 4, timeout=120, stall=stall,
+                        env={"HYBRIDPAR_RANKS_TIMEOUT": str(timeout)})
+    for rank in (0, 3):
+        waited, error = results[rank]
+        assert error is not None and "Timed out" in error, (rank, error)
+        assert waited < stall / 2, (rank, waited)
 
 
 def check_blocks(rank, world):

@@ -4,8 +4,10 @@ collective), and the CLI end to end under torchrun (launching itself, the metric
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -73,6 +75,86 @@ def test_cli_trains_with_the_planner_and_writes_metrics(tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0
     assert records[-1]["loss"] < records[0]["loss"]
     assert "done: 3 steps" in out.stdout
+
+
+def _workers(launcher_pid):
+    """{rank: pid} of the torchrun workers below the launcher, found through /proc."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    workers, todo = {}, [launcher_pid]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            except OSError:
+                continue
+            if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
+                workers[int(env[b"RANK"])] = pid
+    return workers
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_cli_ends_the_job_when_a_rank_dies_or_stalls(tmp_path, fault):
+    """dp2 x tp2 training; rank 1 is killed, or stopped (a hang: its sockets stay open). The
+    others must fail, the stalled case after --timeout, not the 30 minutes c10d would wait."""
+    timeout = 8
+    metrics, log = tmp_path / "metrics.jsonl", tmp_path / "launcher.log"
+    args = ["--dp", "2", "--tp", "2", "--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "16",
+            "--global-batch", "4", "--steps", "1000000", "--timeout", str(timeout), "--quiet",
+            "--metrics-file", str(metrics)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    with open(log, "w") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "hybridpar_ext", "train", *args], cwd=tmp_path,
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180,
+                    "two training steps")
+        workers = _workers(launcher.pid)
+        assert sorted(workers) == [0, 1, 2, 3], workers
+        faulted = time.monotonic()
+        if fault == "killed":
+            os.kill(workers[1], signal.SIGKILL)
+        else:
+            os.kill(workers[1], signal.SIGSTOP)
+            _wait_until(lambda: not _running(workers[0]), 4 * timeout, "rank 0 to give up on rank 1")
+            assert time.monotonic() - faulted >= timeout * 0.9
+            # So that torchrun's SIGTERM reaches it, instead of its SIGKILL 30 s later.
+            os.kill(workers[1], signal.SIGCONT)
+        returncode = launcher.wait(timeout=4 * timeout + 30)
+        elapsed = time.monotonic() - faulted
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    output = log.read_text()
+    assert returncode != 0, output[-3000:]
+    assert elapsed < 4 * timeout + 30
+    if fault == "stalled":
+        assert f"Timed out waiting {timeout * 1000}ms" in output, output[-3000:]
 
 
 def test_cli_rejects_plan_with_a_layout():
