@@ -235,12 +235,10 @@ class Trainer:
 
 
 def _log(args, record: dict):
-    from .parallel import ideal_bubble
-
     line = (f"step {record['step']:>4}/{args.steps} | loss {record['loss']:.4f} | "
             f"{record['tokens_per_s']:,.0f} tokens/s | step {record['step_time_s'] * 1e3:.1f} ms")
     if args.pp > 1:
-        line += f" | bubble {record['bubble']:.2f} (ideal {ideal_bubble(args.pp, args.microbatches):.2f})"
+        line += f" | bubble {record['bubble']:.2f} (ideal {record['ideal_bubble']:.2f})"
     if "memory_gib" in record:
         line += f" | mem {record['memory_gib']:.2f} GiB"
     if "mfu" in record:
@@ -277,6 +275,7 @@ def _train(args, config, device, rank, world) -> int:
     trainer = Trainer(args, config, device)
     spec = gpu_spec(torch.cuda.get_device_name()) if device.type == "cuda" else None
     gpu_peak = spec.bf16_tflops * 1e12 if spec else None
+    flops = flops_per_token(config, args.seq)
     if rank == 0:
         plan = f" (chosen by --plan: {args.plan_choice})" if getattr(args, "plan_choice", None) else ""
         print(f"GPT {config.num_parameters() / 1e6:.2f}M parameters ({config.layers} layers, hidden "
@@ -294,7 +293,7 @@ def _train(args, config, device, rank, world) -> int:
             if device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if gpu_peak:
-                record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.seq) / (gpu_peak * world)
+                record["mfu"] = record["tokens_per_s"] * flops / (gpu_peak * world)
             record.update(layout=f"dp{args.dp} tp{args.tp} pp{args.pp}", sp=args.sp,
                           microbatches=args.microbatches, zero=args.zero, overlap=not args.no_overlap)
             records.append(record)

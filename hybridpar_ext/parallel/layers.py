@@ -183,8 +183,19 @@ def vocab_parallel_cross_entropy(logits_shard, targets, tp_group, vocab_start=No
     return _VocabParallelCrossEntropy.apply(logits_shard, targets, vocab_start, tp_group)
 
 
+def mark_sequence_parallel(*modules):
+    """Mark the parameters of modules that run on this rank's sequence slice (norms under
+    sequence parallelism): each rank's gradient of them is a partial sum over TP."""
+    for module in modules:
+        for p in module.parameters():
+            p.sequence_parallel = True
+
+
+def sequence_parallel_grads(module) -> list:
+    return [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+
+
 def all_reduce_sequence_parallel_grads(module, tp_group):
     """Sum over TP the gradients that sequence parallelism leaves partial (marked
     ``param.sequence_parallel``), one collective for all of them."""
-    all_reduce_flat([p.grad for p in module.parameters()
-                     if getattr(p, "sequence_parallel", False) and p.grad is not None], tp_group)
+    all_reduce_flat(sequence_parallel_grads(module), tp_group)

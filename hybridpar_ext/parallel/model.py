@@ -13,7 +13,8 @@ import torch.distributed as dist
 from .. import nn as hnn
 from .. import ops
 from .checkpoint import shard_state_dict, stage_layers
-from .layers import SEQ_DIM, ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .layers import (SEQ_DIM, ColumnParallelLinear, VocabParallelEmbedding, mark_sequence_parallel,
+                     vocab_parallel_cross_entropy)
 from .transformer import ParallelTransformerLayer, kv_heads_per_rank, sync_tensor_parallel_grads
 
 
@@ -79,8 +80,7 @@ class ParallelGPT(torch.nn.Module):
         if self.is_last:
             self.norm = hnn.make_norm(config.norm, config.hidden, config.norm_eps, **factory)
             if sequence_parallel:
-                for p in self.norm.parameters():
-                    p.sequence_parallel = True
+                mark_sequence_parallel(self.norm)
             self.lm_head = ColumnParallelLinear(config.hidden, config.vocab_size, group, **shard)
             if config.tied_embeddings and self.is_first:
                 self.lm_head.weight = self.embed.weight
@@ -125,7 +125,8 @@ class ParallelGPT(torch.nn.Module):
             other = self.mesh.pp - 1 if self.is_first else 0
             peer = dist.get_global_rank(self.mesh.pp_group, other)
             received = torch.empty_like(grad)
-            send = dist.isend(grad.clone(), dst=peer, group=self.mesh.pp_group)
+            # No copy to send: the send is waited for before the gradient changes.
+            send = dist.isend(grad, dst=peer, group=self.mesh.pp_group)
             dist.recv(received, src=peer, group=self.mesh.pp_group)
             send.wait()
             grad.add_(received)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import nn as hnn
 from .. import ops
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel, sequence_parallel_grads
 from .mappings import all_reduce_flat
 
 
@@ -96,8 +96,7 @@ class ParallelTransformerLayer(hnn.TransformerLayer):
                          mlp=ParallelMLP(hidden, ffn, activation, tp_group, **shard),
                          device=device, dtype=dtype)
         if sequence_parallel:
-            for p in (*self.norm1.parameters(), *self.norm2.parameters()):
-                p.sequence_parallel = True
+            mark_sequence_parallel(self.norm1, self.norm2)
 
 
 def sync_tensor_parallel_grads(module, tp_group):
@@ -105,8 +104,7 @@ def sync_tensor_parallel_grads(module, tp_group):
     TP the gradients each rank holds only in part — the weights marked ``sequence_parallel``
     and the rows of replicated kv heads (summed over the ranks that hold the same head). One
     collective for all of them."""
-    partial = [p.grad for p in module.parameters()
-               if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    partial = sequence_parallel_grads(module)
     replicated = [m for m in module.modules()
                   if isinstance(m, ParallelAttention) and m.replicated_kv_grad() is not None]
     slots = []
