@@ -46,11 +46,16 @@ def test_wrong_configurations_give_the_same_message_on_every_rank():
         assert len({r[i] for r in results}) == 1
 
 
+def _launcher(args):
+    """The trainer's command line, and an environment that is not torchrun's (so it launches)."""
+    return ([sys.executable, "-m", "hybridpar_ext", "train", *args],
+            {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+
+
 def _cli(args, timeout, tmp_path):
+    cmd, env = _launcher(args)
     # Outside the source tree, so the installed package is what runs.
-    return subprocess.run([sys.executable, "-m", "hybridpar_ext", "train", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_cli_stops_every_rank_on_a_world_size_mismatch(tmp_path):
@@ -126,10 +131,10 @@ def test_cli_ends_the_job_when_a_rank_dies_or_stalls(tmp_path, fault):
     args = ["--dp", "2", "--tp", "2", "--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "16",
             "--global-batch", "4", "--steps", "1000000", "--timeout", str(timeout), "--quiet",
             "--metrics-file", str(metrics)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    cmd, env = _launcher(args)
     with open(log, "w") as out:
-        launcher = subprocess.Popen([sys.executable, "-m", "hybridpar_ext", "train", *args], cwd=tmp_path,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     try:
         _wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180,
                     "two training steps")
