@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..reference import norms as ref
+from ..reference._dtypes import acc_dtype
 from . import _backend, _checks
 
 
@@ -31,6 +32,12 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 def _nothing(like: Tensor) -> Tensor:
     """Stands for an absent output: custom ops cannot return None."""
     return like.new_empty(0, dtype=torch.float32)
+
+
+def _stat(like: Tensor, shape) -> Tensor:
+    """An empty tensor for a statistic or a weight gradient of the norm of `like`: in the
+    dtype the norms compute in (fp32, or fp64 for fp64 inputs)."""
+    return like.new_empty(shape, dtype=acc_dtype(like.dtype))
 
 
 def _unrows(t: Optional[Tensor], shape, like: Tensor) -> Tensor:
@@ -56,8 +63,7 @@ def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def _(x, weight, bias, residual, eps):
     lead = x.shape[:-1]
     h = x.new_empty(x.shape) if residual is not None else _nothing(x)
-    return (x.new_empty(x.shape), h,
-            x.new_empty(lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.float32))
+    return x.new_empty(x.shape), h, _stat(x, lead), _stat(x, lead)
 
 
 @torch.library.custom_op("hybridpar::layer_norm_backward", mutates_args=())
@@ -71,16 +77,16 @@ def _layer_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Op
     else:
         dx, dw, db = ref.layer_norm_bwd(dy2, dh2, x2, weight, has_bias,
                                         mean.reshape(-1), rstd.reshape(-1))
-    dw = _nothing(x) if dw is None else dw.float()
-    db = _nothing(x) if db is None else db.float()
+    dw = _nothing(x) if dw is None else dw
+    db = _nothing(x) if db is None else db
     return dx.view(x.shape), dw, db
 
 
 @_layer_norm_backward.register_fake
 def _(dy, dh, x, weight, has_bias, mean, rstd):
     width = x.shape[-1]
-    dw = x.new_empty(width, dtype=torch.float32) if weight is not None else _nothing(x)
-    db = x.new_empty(width, dtype=torch.float32) if has_bias else _nothing(x)
+    dw = _stat(x, width) if weight is not None else _nothing(x)
+    db = _stat(x, width) if has_bias else _nothing(x)
     return x.new_empty(x.shape), dw, db
 
 
@@ -123,7 +129,7 @@ def _rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
 @_rms_norm.register_fake
 def _(x, weight, residual, eps):
     h = x.new_empty(x.shape) if residual is not None else _nothing(x)
-    return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), h, _stat(x, x.shape[:-1])
 
 
 @torch.library.custom_op("hybridpar::rms_norm_backward", mutates_args=())
@@ -135,12 +141,12 @@ def _rms_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Opti
             dy2, dh2, x2, _contiguous(weight), False, None, rstd.reshape(-1), is_rms=True)
     else:
         dx, dw = ref.rms_norm_bwd(dy2, dh2, x2, weight, rstd.reshape(-1))
-    return dx.view(x.shape), (_nothing(x) if dw is None else dw.float())
+    return dx.view(x.shape), (_nothing(x) if dw is None else dw)
 
 
 @_rms_norm_backward.register_fake
 def _(dy, dh, x, weight, rstd):
-    dw = x.new_empty(x.shape[-1], dtype=torch.float32) if weight is not None else _nothing(x)
+    dw = _stat(x, x.shape[-1]) if weight is not None else _nothing(x)
     return x.new_empty(x.shape), dw
 
 
@@ -182,8 +188,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """LayerNorm over the last dimension of ``x`` (any leading shape).
 
     With ``residual``, computes ``h = x + residual`` and returns ``(layer_norm(h), h)`` in
-    one pass, the add + norm of a pre-norm transformer block. Statistics are fp32 for
-    every input dtype; the output has the dtype of ``x``. ``weight`` and ``bias`` have shape
+    one pass, the add + norm of a pre-norm transformer block. Statistics and accumulation
+    are fp32 for half and fp32 inputs and fp64 for fp64 inputs; the output has the dtype
+    of ``x``. ``weight`` and ``bias`` have shape
     ``(x.shape[-1],)`` and may have another floating dtype than ``x``.
     """
     _check_norm_args("layer_norm", x, weight, bias, eps, residual)

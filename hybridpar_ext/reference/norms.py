@@ -5,8 +5,10 @@ Two kinds of function live here:
 - ``layer_norm`` / ``rms_norm``: the definition, written out as the textbook formula and
   differentiated by autograd. The tests run it in float64 as the oracle.
 - ``*_fwd`` / ``*_bwd``: the CPU fallback behind the custom ops, with the explicit
-  backward the Triton kernels also implement. They compute in fp32 (fp64 for fp64
-  inputs) and return fp32 statistics, whatever the input dtype. LayerNorm goes through
+  backward the Triton kernels also implement. They compute in ``acc_dtype(x.dtype)``:
+  fp32 for half and fp32 inputs, fp64 for fp64 inputs, and return the statistics and the
+  weight/bias gradients in that dtype, so a float64 backward is float64 throughout (an
+  fp32 rstd alone costs a float64 gradient about eight digits). LayerNorm goes through
   ``torch.native_layer_norm`` so that the fallback costs what ``F.layer_norm`` costs.
 
 All take ``x`` of any leading shape and normalise over the last dimension; the
@@ -49,11 +51,12 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     acc = acc_dtype(x.dtype)
     y, mean, rstd = torch.native_layer_norm(
         src.to(acc), [src.shape[-1]], _cast(weight, acc), _cast(bias, acc), eps)
-    return y.to(x.dtype), h, mean.view(-1).float(), rstd.view(-1).float()
+    return y.to(x.dtype), h, mean.view(-1), rstd.view(-1)
 
 
 def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd):
-    """Returns ``(dx, dweight, dbias)`` in the dtypes of x, weight and fp32."""
+    """Returns ``(dx, dweight, dbias)``: dx in the dtype of x, dweight/dbias (None where
+    absent) in the compute dtype."""
     acc = acc_dtype(x.dtype)
     width = x.shape[-1]
     # native_layer_norm_backward only reads the bias to know whether dbias is wanted.
@@ -67,18 +70,18 @@ def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd):
 
 
 def rms_norm_fwd(x, weight, residual, eps):
-    """Returns ``(y, h, rstd)``; h is None without residual."""
+    """Returns ``(y, h, rstd)``; h is None without residual, rstd is in the compute dtype."""
     h = None if residual is None else x + residual
     src = (x if h is None else h).to(acc_dtype(x.dtype))
     rstd = torch.rsqrt(src.pow(2).mean(-1) + eps)
     y = src * rstd.unsqueeze(-1)
     if weight is not None:
         y = y * weight.to(y.dtype)
-    return y.to(x.dtype), h, rstd.float()
+    return y.to(x.dtype), h, rstd
 
 
 def rms_norm_bwd(dy, dh, x, weight, rstd):
-    """Returns ``(dx, dweight)``; dweight is None without weight."""
+    """Returns ``(dx, dweight)``; dweight (in the compute dtype) is None without weight."""
     acc = acc_dtype(x.dtype)
     dy = dy.to(acc)
     rstd = rstd.to(acc).unsqueeze(-1)

@@ -128,6 +128,24 @@ def test_float64_runs_the_reference(device, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(5, 33), (2, 3, 1000)], ids=["width33", "3d_width1000"])
+def test_float64_is_float64_exact(backend, device, kind, shape):
+    # Statistics and accumulation in float64: every gradient agrees with float64 autograd
+    # to float64 rounding (fp32 statistics would leave errors near 1e-8).
+    torch.manual_seed(0)
+    _check_against_reference(kind, torch.randn(shape, dtype=torch.float64, device=device) * 2 + 0.5,
+                             "weight+bias", with_residual=True)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(shape[-1], dtype=torch.float64, device=device, requires_grad=True)
+    y = _norm(kind, ops, x, w)
+    stats = (torch.ops.hybridpar.layer_norm(x, w, None, None, 1e-5)[2:] if kind == "layer_norm"
+             else torch.ops.hybridpar.rms_norm(x, w, None, 1e-5)[2:])
+    assert all(s.dtype == torch.float64 for s in stats)
+    dw = torch.autograd.grad(y.sum(), w)[0]
+    assert dw.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 def test_backward_is_deterministic(backend, device, kind):
     x = torch.randn(300, 515, device=device, requires_grad=True)
     w = torch.randn(515, device=device, requires_grad=True)
