@@ -13,7 +13,7 @@ MAX_JOBS ?= 2
 # The toolkit that holds nvcc (PATH's nvcc may be a wrapper script elsewhere).
 CUDA_HOME ?= $(firstword $(patsubst %/bin/nvcc,%,$(wildcard /usr/local/cuda/bin/nvcc \
 	$(realpath $(dir $(shell command -v nvcc 2>/dev/null))/..)/bin/nvcc)))
-DEPS = triton ninja numpy setuptools wheel pytest pytest-timeout transformers
+DEPS = triton ninja numpy setuptools wheel pytest pytest-timeout transformers expecttest
 PYTEST_ARGS ?=
 
 export MAX_JOBS

@@ -196,7 +196,7 @@ def test_launcher_passes_torchrun_its_flags(monkeypatch):
     from hybridpar_ext import train
 
     calls = []
-    monkeypatch.setattr(train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(train.launcher.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     for var in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     argv = ["train", "--dp", "2", "--tp", "2", "--pp", "2", "--nnodes", "2", "--node-rank", "1",

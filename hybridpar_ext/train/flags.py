@@ -1,0 +1,58 @@
+"""The trainer's command-line flags (one table, shared by ``python -m hybridpar_ext train`` and
+programs that drive :class:`~hybridpar_ext.train.Trainer` themselves)."""
+
+import argparse
+
+from .data import DEFAULT_TEXT
+
+
+def add_train_arguments(p) -> None:
+    layout = p.add_argument_group("layout (the product of dp, tp, pp is the number of processes)")
+    for flag in ("dp", "tp", "pp"):
+        layout.add_argument(f"--{flag}", type=int, help="default 1 (or chosen by --plan)")
+    layout.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
+    layout.add_argument("--microbatches", type=int, help="per step and pipeline; default: pp")
+    layout.add_argument("--zero", action="store_true", help="shard the optimizer state over DP (ZeRO-1)")
+    layout.add_argument("--no-overlap", action="store_true",
+                        help="run every collective outside its matmul/backward (to measure the overlap)")
+    layout.add_argument("--plan", action="store_true",
+                        help="let the planner choose dp, tp, pp, sp and microbatches for the processes")
+    model = p.add_argument_group("model")
+    model.add_argument("--layers", type=int, default=4)
+    model.add_argument("--hidden", type=int, default=128)
+    model.add_argument("--heads", type=int, default=4)
+    model.add_argument("--kv-heads", type=int, help="default: heads (no GQA)")
+    model.add_argument("--ffn", type=int, help="default: 4 * hidden (gelu), 8/3 * hidden (swiglu)")
+    model.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    model.add_argument("--vocab", type=int, default=256, help="256 for byte-level text")
+    model.add_argument("--norm", choices=("layernorm", "rmsnorm"), default="layernorm")
+    model.add_argument("--mlp", choices=("gelu", "swiglu"), default="gelu")
+    model.add_argument("--untied", action="store_true", help="separate LM head and embedding")
+    run = p.add_argument_group("run")
+    run.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
+    run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--weight-decay", type=float, default=0.0)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--data", default=str(DEFAULT_TEXT),
+                     help="a text file read as bytes, or 'synthetic' (uniform random tokens)")
+    run.add_argument("--dtype", choices=("float32", "bfloat16"),
+                     help="parameters and activations; default float32 on CPU, bfloat16 on GPU")
+    run.add_argument("--metrics-file", help="append one JSON object per step (rank 0)")
+    run.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds a collective may wait before the job fails")
+    run.add_argument("--quiet", action="store_true", help="print only the summary")
+    launch = p.add_argument_group("launch (passed on to torchrun)")
+    launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
+    launch.add_argument("--nnodes", type=int, default=1)
+    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--rdzv-endpoint")
+    launch.add_argument("--rdzv-backend", default="c10d")
+    launch.add_argument("--rdzv-id", default="hybridpar")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """The trainer's flags alone (for programs that drive :class:`Trainer` themselves)."""
+    p = argparse.ArgumentParser(prog="python -m hybridpar_ext train")
+    add_train_arguments(p)
+    return p.parse_args(list(argv))

@@ -1,0 +1,80 @@
+"""The run's configuration: the model from the flags, the layout (from the flags or the
+planner's ``--plan``), and the whole of it checked against the world size. Pure functions of
+the flags, so every rank (and the launching process) reaches the same verdict."""
+
+from pathlib import Path
+
+import torch
+
+
+def model_config(args):
+    from ..models import GPTConfig
+
+    return GPTConfig(vocab_size=args.vocab, max_seq_len=args.seq, layers=args.layers, hidden=args.hidden,
+                     heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, norm=args.norm, mlp=args.mlp,
+                     tied_embeddings=not args.untied)
+
+
+def choose_layout(args, config, world: int) -> None:
+    """Fill dp, tp, pp, sp and microbatches: from the flags, or from the planner (--plan)."""
+    if args.plan:
+        given = [f"--{k}" for k in ("dp", "tp", "pp", "microbatches") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"--plan chooses the layout; drop {', '.join(given)}")
+        from ..hardware import gpu_spec
+        from ..parallel import check_parallel_config
+        from ..plan import ClusterSpec, ModelSpec, PlanError, plan
+
+        # The GPU this runs on if its datasheet is known; H100 figures otherwise (on a CPU too).
+        spec = gpu_spec(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        per_node = world // args.nnodes
+        cluster = ClusterSpec(world, per_node, spec) if spec else ClusterSpec.of("h100", world, per_node)
+        try:
+            result = plan(ModelSpec.from_gpt_config(config, seq=args.seq), cluster, args.global_batch, top=1000)
+        except PlanError as err:
+            raise ValueError(f"--plan: {err}") from err
+        for pred in result.best:
+            lay = pred.layout
+            if lay.recompute != "none" or lay.virtual_stages > 1:
+                continue   # this trainer neither recomputes activations nor interleaves stages
+            try:
+                check_parallel_config(config, lay.dp, lay.tp, lay.pp, lay.sequence_parallel, args.seq,
+                                      lay.microbatches, args.global_batch)
+            except ValueError:
+                continue
+            args.dp, args.tp, args.pp = lay.dp, lay.tp, lay.pp
+            args.sp, args.microbatches, args.zero = lay.sequence_parallel, lay.microbatches, lay.zero1
+            args.plan_choice = f"{lay.describe()} (planner's model of {world} x {cluster.gpu.name})"
+            return
+        raise ValueError(f"--plan: none of the planner's {len(result.best)} layouts for {world} processes "
+                         "fits this model's divisibility rules")
+    args.dp, args.tp, args.pp = args.dp or 1, args.tp or 1, args.pp or 1
+    if args.microbatches is None:
+        args.microbatches = args.pp
+
+
+def check_args(args, world: int):
+    """The whole configuration against the world size; ValueError with the first problem."""
+    from ..parallel import check_parallel_config
+
+    config = model_config(args)
+    choose_layout(args, config, world)
+    if args.dp * args.tp * args.pp != world:
+        raise ValueError(f"dp * tp * pp = {args.dp} * {args.tp} * {args.pp} = {args.dp * args.tp * args.pp} "
+                         f"processes, but the world size is {world}")
+    if args.sp and args.tp == 1:
+        args.sp = False   # nothing to split over
+    check_parallel_config(config, args.dp, args.tp, args.pp, args.sp, args.seq, args.microbatches,
+                          args.global_batch)
+    for name in ("steps", "global_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.data != "synthetic":
+        size = Path(args.data).stat().st_size if Path(args.data).is_file() else None
+        if size is None:
+            raise ValueError(f"--data: no such file {args.data!r} (or pass 'synthetic')")
+        if size <= args.seq + 1:
+            raise ValueError(f"--data: {args.data} has {size} bytes, fewer than a sequence ({args.seq + 1})")
+        if args.vocab < 256:
+            raise ValueError(f"--data: byte-level text needs --vocab >= 256, got {args.vocab}")
+    return config

@@ -1,0 +1,63 @@
+"""The Trainer: this rank's part of a run (its stage of the GPT, gradient sync, optimizer and
+pipeline schedule), one optimizer step at a time."""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .data import Batches
+
+
+class Trainer:
+    """This rank's part of a run: built from parsed flags on an initialised process group."""
+
+    def __init__(self, args, config, device):
+        from ..models import GPT
+        from ..parallel import GradientSync, PipelineSchedule, ZeroAdamW, init_mesh, parallelize
+
+        self.args, self.config, self.device = args, config, device
+        self.mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp, device_type=device.type,
+                              timeout=args.timeout)
+        dtype = getattr(torch, args.dtype)
+        torch.manual_seed(args.seed)
+        full = GPT(config)   # the same full weights on every rank; each keeps its part
+        self.stage = parallelize(full, self.mesh, sequence_parallel=args.sp, overlap=not args.no_overlap,
+                                 device=device, dtype=dtype)
+        del full
+        self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap)
+        if args.zero:
+            self.optimizer = ZeroAdamW(self.sync, lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=args.lr,
+                                               weight_decay=args.weight_decay)
+        self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
+                                         no_sync=self.sync.no_sync)
+        self.batches = Batches(args.data, config.vocab_size, args.seq, args.global_batch, args.seed)
+
+    def microbatches(self, step: int):
+        tokens = self.batches(step).to(self.device)
+        rows = tokens.chunk(self.mesh.dp)[self.mesh.dp_rank]
+        return list(rows[:, :-1].chunk(self.args.microbatches)), list(rows[:, 1:].chunk(self.args.microbatches))
+
+    def step(self, step: int) -> dict:
+        """One optimizer step; returns the global loss and this step's timings (same on every rank)."""
+        start = time.perf_counter()
+        inputs, targets = self.microbatches(step)
+        self.optimizer.zero_grad()
+        stats = self.schedule.step(inputs, targets)
+        self.sync.finish()
+        self.stage.finish_grads()
+        self.optimizer.step()
+        # Loss from one TP rank of each last stage, averaged over DP; the pipeline bubble
+        # averaged over the ranks. One small collective.
+        counts = self.stage.is_last and self.mesh.tp_rank == 0
+        report = torch.tensor([stats.loss if counts else 0.0, stats.bubble], dtype=torch.float64,
+                              device=self.device)
+        dist.all_reduce(report)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        tokens = self.args.global_batch * self.args.seq
+        return {"loss": report[0].item() / self.mesh.dp, "step_time_s": elapsed,
+                "tokens_per_s": tokens / elapsed, "bubble": report[1].item() / dist.get_world_size()}
