@@ -1,0 +1,130 @@
+"""Pipeline schedules as data: every schedule for p <= 8, v in {1, 2, 4}, m <= 32 checked by the
+simulator (each microbatch's work once per chunk, dependencies across ranks, no deadlock), its
+bubble against the published formulas and its peak activations against 1F1B's; the simulator
+itself against schedules that are wrong on purpose. Pure Python, no process group."""
+
+import itertools
+
+import pytest
+
+from hybridpar_ext.parallel.schedules import (SCHEDULES, Action, ScheduleError, build_schedule, check_schedule,
+                                              formula_bubble, simulate)
+
+
+def valid_cases():
+    for kind, p, v, m in itertools.product(SCHEDULES, range(1, 9), (1, 2, 4), range(1, 33)):
+        try:
+            check_schedule(kind, p, v, m)
+        except ValueError:
+            continue
+        yield kind, p, v, m
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_every_schedule_runs_each_piece_of_work_once_in_dependency_order(kind):
+    cases = [c for c in valid_cases() if c[0] == kind]
+    assert len({(p, v) for _, p, v, _ in cases}) >= (8 if kind != "interleaved" else 14)
+    for _, p, v, m in cases:
+        lists = build_schedule(kind, p, v, m)
+        sim = simulate(lists, p, v, m)   # raises on missing, repeated or deadlocked work
+        for r, actions in enumerate(lists):
+            assert len(sim.starts[r]) == len(actions)
+            for chunk in range(v):
+                # Forwards and backwards of a chunk in microbatch order: the receives of a chunk
+                # arrive in the order its neighbour sends them.
+                for op in ("F", "B", "W", "BW"):
+                    order = [a.microbatch for a in actions if a.op == op and a.chunk == chunk]
+                    assert order == sorted(order), (kind, p, v, m, r, op)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_the_simulated_bubble_is_the_formula(kind):
+    # Chunk costs are the stage's over v: the formulas are for stages of equal cost.
+    costs = [(1, 1, 1), (1, 2, 1), (2, 1.5, 0.5), (1, 1, 0.25)] if kind != "1f1b" else [(1, 1, 1), (1, 2, 1), (3, 1, 2)]
+    for _, p, v, m in (c for c in valid_cases() if c[0] == kind):
+        if kind == "zero-bubble" and m < p:
+            continue   # the paper's regime: at least p microbatches
+        for f, b, w in costs:
+            sim = simulate(build_schedule(kind, p, v, m), p, v, m, f / v, b / v, w / v)
+            expected = formula_bubble(kind, p, v, m, f, b, w)
+            assert sim.bubble == pytest.approx(expected, abs=1e-12), (kind, p, v, m, (f, b, w))
+            # Stages of equal cost: every rank idles alike.
+            assert max(sim.bubbles) - min(sim.bubbles) < 1e-12
+
+
+def test_the_formulas():
+    assert formula_bubble("1f1b", 4, 1, 8) == pytest.approx(3 / 11)
+    assert formula_bubble("interleaved", 4, 2, 8) == pytest.approx(3 / (16 + 3))
+    # ZB-H1 with F = B = W: idle (p - 1) F instead of 3 (p - 1) F, a third of 1F1B's idle time.
+    p, m = 4, 8
+    zb, f1b = formula_bubble("zero-bubble", p, 1, m), formula_bubble("1f1b", p, 1, m)
+    assert zb == pytest.approx((p - 1) / (3 * m + p - 1))
+    idle = lambda bubble: bubble / (1 - bubble)   # idle per unit of busy time
+    assert idle(zb) == pytest.approx(idle(f1b) / 3)
+
+
+def test_peak_activations():
+    for p, m in itertools.product(range(1, 9), range(1, 33)):
+        one = simulate(build_schedule("1f1b", p, 1, m), p, 1, m)
+        assert one.peak_activations == [min(p - r, m) for r in range(p)]
+        if m >= p:
+            # ZB-H1 keeps the W's inputs longer on the later ranks, never above 1F1B's busiest rank.
+            zb = simulate(build_schedule("zero-bubble", p, 1, m), p, 1, m)
+            assert max(zb.peak_activations) == max(one.peak_activations) == p
+    for p, v in itertools.product(range(2, 9), (2, 4)):
+        for m in range(p, 33, p):
+            inter = simulate(build_schedule("interleaved", p, v, m), p, v, m)
+            # Megatron's warm-up plus the one in flight, in chunks of 1/v of a stage.
+            assert inter.peak_activations == [min(2 * (p - r - 1) + (v - 1) * p + 1, v * m) for r in range(p)]
+
+
+def test_bad_arguments_are_named_with_what_would_work():
+    with pytest.raises(ValueError, match=r"microbatches \(m = 6\) must be a multiple of the pipeline stages "
+                                         r"\(p = 4\); try m = 4 or 8"):
+        check_schedule("interleaved", 4, 2, 6)
+    with pytest.raises(ValueError, match=r"try m = 4$"):
+        check_schedule("interleaved", 4, 2, 3)
+    with pytest.raises(ValueError, match=r"virtual stages \(v\) must be 1, got 2"):
+        build_schedule("1f1b", 2, 2, 4)
+    with pytest.raises(ValueError, match=r"at least 2 virtual stages per rank \(v\), got 1"):
+        build_schedule("interleaved", 2, 1, 4)
+    with pytest.raises(ValueError, match=r"at least 2 pipeline stages \(p\), got 1"):
+        build_schedule("interleaved", 1, 2, 4)
+    with pytest.raises(ValueError, match=r"schedule must be one of 1f1b, interleaved, zero-bubble, got 'gpipe'"):
+        build_schedule("gpipe", 2, 1, 4)
+    with pytest.raises(ValueError, match=r"microbatches \(m\) must be a positive int, got 0"):
+        build_schedule("1f1b", 2, 1, 0)
+
+
+def test_the_simulator_rejects_wrong_schedules():
+    F, BW, B, W = (lambda i, c=0: Action("F", c, i)), (lambda i, c=0: Action("BW", c, i)), \
+        (lambda i, c=0: Action("B", c, i)), (lambda i, c=0: Action("W", c, i))
+    good = [[F(0), F(1), BW(0), BW(1)], [F(0), BW(0), F(1), BW(1)]]
+    simulate(good, 2, 1, 2)
+    with pytest.raises(ScheduleError, match="rank 1: no forward of microbatch 1 on chunk 0"):
+        simulate([good[0], [F(0), BW(0), BW(1)]], 2, 1, 2)
+    with pytest.raises(ScheduleError, match=r"rank 0: F1 appears twice"):
+        simulate([good[0] + [F(1)], good[1]], 2, 1, 2)
+    with pytest.raises(ScheduleError, match=r"expected BW, or B and W"):
+        simulate([[F(0), F(1), BW(0), B(1)], good[1]], 2, 1, 2)
+    with pytest.raises(ScheduleError, match=r"outside chunks \[0, 1\)"):
+        simulate([good[0] + [F(0, 1)], good[1]], 2, 1, 2)
+    # Rank 1 runs microbatch 1 first; rank 0 will only forward it after microbatch 0's backward,
+    # which needs rank 1's: a cycle.
+    with pytest.raises(ScheduleError, match=r"deadlocks: rank 0 at BW0, rank 1 at F1"):
+        simulate([[F(0), BW(0), F(1), BW(1)], [F(1), BW(1), F(0), BW(0)]], 2, 1, 2)
+    # A W before its own B never starts.
+    with pytest.raises(ScheduleError, match=r"deadlocks: rank 0 at W0"):
+        simulate([[F(0), W(0), B(0)]], 1, 1, 1)
+    # Interleaved: the second chunk's forward of a microbatch needs the other rank's first chunk.
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        simulate([[F(0, 1), F(0, 0), BW(0, 1), BW(0, 0)], [F(0, 0), F(0, 1), BW(0, 1), BW(0, 0)]], 2, 2, 1)
+
+
+def test_communication_latency_only_adds_time():
+    for kind, p, v, m in (("1f1b", 4, 1, 8), ("interleaved", 4, 2, 8), ("zero-bubble", 4, 1, 8)):
+        lists = build_schedule(kind, p, v, m)
+        base = simulate(lists, p, v, m)
+        slow = simulate(lists, p, v, m, comm=0.3)
+        assert slow.makespan > base.makespan
+        assert slow.busy == base.busy
