@@ -42,6 +42,13 @@ def add_train_arguments(p) -> None:
     run.add_argument("--timeout", type=float, default=300.0,
                      help="seconds a collective may wait before the job fails")
     run.add_argument("--quiet", action="store_true", help="print only the summary")
+    real = p.add_argument_group("training for real (schedule, clipping)")
+    real.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up from 0 over these steps")
+    real.add_argument("--lr-decay", choices=("none", "cosine", "linear"), default="none",
+                      help="after the warm-up, decay the LR to --min-lr at --steps (default: constant)")
+    real.add_argument("--min-lr", type=float, default=0.0, help="the LR the decay ends at")
+    real.add_argument("--clip-grad", type=float, metavar="MAX",
+                      help="clip the global gradient norm (over DP x TP x PP) to MAX")
     launch = p.add_argument_group("launch (passed on to torchrun)")
     launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
     launch.add_argument("--nnodes", type=int, default=1)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .lr_schedule import check_schedule
+
 
 def model_config(args):
     from ..models import GPTConfig
@@ -69,6 +71,7 @@ def check_args(args, world: int):
     for name in ("steps", "global_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_training_flags(args)
     if args.data != "synthetic":
         size = Path(args.data).stat().st_size if Path(args.data).is_file() else None
         if size is None:
@@ -78,3 +81,10 @@ def check_args(args, world: int):
         if args.vocab < 256:
             raise ValueError(f"--data: byte-level text needs --vocab >= 256, got {args.vocab}")
     return config
+
+
+def check_training_flags(args) -> None:
+    """The schedule, clipping, data and precision flags (ValueError naming the flag)."""
+    check_schedule(args.lr, args.steps, args.warmup_steps, args.lr_decay, args.min_lr)
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise ValueError(f"--clip-grad must be positive, got {args.clip_grad}")

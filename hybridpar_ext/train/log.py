@@ -18,6 +18,8 @@ def header(args, config, world: int, device, backend: str) -> str:
 def step_line(args, record: dict) -> str:
     line = (f"step {record['step']:>4}/{args.steps} | loss {record['loss']:.4f} | "
             f"{record['tokens_per_s']:,.0f} tokens/s | step {record['step_time_s'] * 1e3:.1f} ms")
+    if "grad_norm" in record:
+        line += f" | lr {record['lr']:.3g} | grad norm {record['grad_norm']:.3f}"
     if args.pp > 1:
         line += f" | bubble {record['bubble']:.2f} (ideal {record['ideal_bubble']:.2f})"
     if "memory_gib" in record:

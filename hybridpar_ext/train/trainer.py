@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .data import Batches
+from .lr_schedule import LRSchedule
 
 
 class Trainer:
@@ -15,6 +16,7 @@ class Trainer:
     def __init__(self, args, config, device):
         from ..models import GPT
         from ..parallel import GradientSync, PipelineSchedule, ZeroAdamW, init_mesh, parallelize
+        from ..parallel.clip import GradClipper
 
         self.args, self.config, self.device = args, config, device
         self.mesh = init_mesh(dp=args.dp, tp=args.tp, pp=args.pp, device_type=device.type,
@@ -31,6 +33,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=args.lr,
                                                weight_decay=args.weight_decay)
+        self.lr_schedule = LRSchedule(args.lr, args.steps, args.warmup_steps, args.lr_decay, args.min_lr)
+        self.clipper = GradClipper(self.stage, self.sync)
         self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
                                          no_sync=self.sync.no_sync)
         self.batches = Batches(args.data, config.vocab_size, args.seq, args.global_batch, args.seed)
@@ -44,10 +48,13 @@ class Trainer:
         """One optimizer step; returns the global loss and this step's timings (same on every rank)."""
         start = time.perf_counter()
         inputs, targets = self.microbatches(step)
+        lr = self.lr_schedule.apply(self.optimizer, step)
         self.optimizer.zero_grad()
         stats = self.schedule.step(inputs, targets)
         self.sync.finish()
         self.stage.finish_grads()
+        # The global norm before clipping (logged each step, clipped or not).
+        norm = self.clipper.clip(self.args.clip_grad) if self.args.clip_grad else self.clipper.norm()
         self.optimizer.step()
         # Loss from one TP rank of each last stage, averaged over DP; the pipeline bubble
         # averaged over the ranks. One small collective.
@@ -60,4 +67,5 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = self.args.global_batch * self.args.seq
         return {"loss": report[0].item() / self.mesh.dp, "step_time_s": elapsed,
-                "tokens_per_s": tokens / elapsed, "bubble": report[1].item() / dist.get_world_size()}
+                "tokens_per_s": tokens / elapsed, "bubble": report[1].item() / dist.get_world_size(),
+                "lr": lr, "grad_norm": norm.item()}
