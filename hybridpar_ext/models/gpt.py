@@ -110,4 +110,6 @@ class GPT(torch.nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+        # At least float32; float64 stays float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten())

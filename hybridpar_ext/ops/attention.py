@@ -13,7 +13,9 @@ from torch import Tensor
 from ..reference import attention as ref
 from . import _backend, _checks
 
-ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # the kernels'
+# float64 is accepted too and always runs the reference (exact float64 checks on a CPU).
+_ACCEPTED_DTYPES = ATTENTION_DTYPES + (torch.float64,)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
@@ -44,7 +46,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
 @_attention.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
       window_left, window_right):
-    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.promote_types(q.dtype, torch.float32))
     return q.new_empty(q.shape), lse
 
 
@@ -148,7 +150,7 @@ def _check_window(window):
 def _check_attention_args(q, k, v, softmax_scale, window, cu_seqlens_q, cu_seqlens_k,
                           max_seqlen_q, max_seqlen_k):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.check_tensor("attention", name, t, ATTENTION_DTYPES)
+        _checks.check_tensor("attention", name, t, _ACCEPTED_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -211,8 +213,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     ``causal`` masks the future, aligned to the bottom right when seqlen_q != seqlen_k;
     ``window=(left, right)`` limits each query to keys within that many positions (None on a
     side: unlimited). ``softmax_scale`` defaults to ``1/sqrt(head_dim)``. A query that sees no
-    key gets output 0. Returns the output (like q), and with ``return_lse`` also the fp32
-    log-sum-exp of each row: ``(batch, heads, seqlen_q)``, or ``(heads, total_q)`` packed.
+    key gets output 0. Returns the output (like q), and with ``return_lse`` also the fp32 (fp64
+    for fp64 inputs, which run the reference) log-sum-exp of each row: ``(batch, heads, seqlen_q)``, or ``(heads, total_q)`` packed.
     """
     left, right, max_q, max_k = _check_attention_args(
         q, k, v, softmax_scale, window, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

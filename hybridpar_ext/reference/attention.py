@@ -92,11 +92,12 @@ def attention(q, k, v, causal=False, softmax_scale=None, window=None, cu_seqlens
 
 def attention_fwd(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
                   cu_seqlens_q=None, cu_seqlens_k=None):
-    """The fallback forward: ``(out, lse)`` with out in q's dtype and lse fp32."""
+    """The fallback forward: ``(out, lse)`` with out in q's dtype and lse fp32 (fp64 for fp64
+    inputs, so that their backward recomputes the probabilities exactly)."""
     acc = acc_dtype(q.dtype)
     out, lse = attention(q.to(acc), k.to(acc), v.to(acc), causal, softmax_scale,
                          (window_left, window_right), cu_seqlens_q, cu_seqlens_k, return_lse=True)
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.to(acc)
 
 
 def attention_bwd(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
