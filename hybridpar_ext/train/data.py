@@ -24,3 +24,7 @@ class Batches:
             return torch.randint(0, self.vocab, (self.global_batch, self.seq + 1), generator=gen)
         starts = torch.randint(0, self.text.numel() - self.seq - 1, (self.global_batch,), generator=gen)
         return torch.stack([self.text[s:s + self.seq + 1] for s in starts.tolist()])
+
+    def rows(self, step: int, first: int, last: int) -> torch.Tensor:
+        """Rows ``[first, last)`` of batch `step` (a data-parallel rank's share)."""
+        return self(step)[first:last]

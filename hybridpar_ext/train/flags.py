@@ -49,6 +49,14 @@ def add_train_arguments(p) -> None:
     real.add_argument("--min-lr", type=float, default=0.0, help="the LR the decay ends at")
     real.add_argument("--clip-grad", type=float, metavar="MAX",
                       help="clip the global gradient norm (over DP x TP x PP) to MAX")
+    real.add_argument("--data-dtype", choices=("uint16", "uint32"), default="uint16",
+                      help="token ids of a --data PATH.bin token file (a flat array, nanoGPT/Megatron style)")
+    real.add_argument("--eval-every", type=int, default=0, metavar="N",
+                      help="every N steps (and after the last), the loss on held-out tokens (a .bin --data)")
+    real.add_argument("--eval-batches", type=int, default=4, metavar="K", help="global batches per evaluation")
+    real.add_argument("--eval-data", help="a held-out token file (default: the last --eval-fraction of --data)")
+    real.add_argument("--eval-fraction", type=float, default=0.1,
+                      help="the tail of --data held out for evaluation when there is no --eval-data")
     launch = p.add_argument_group("launch (passed on to torchrun)")
     launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
     launch.add_argument("--nnodes", type=int, default=1)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .lr_schedule import check_schedule
+from .token_data import is_token_file, train_and_eval_batches
 
 
 def model_config(args):
@@ -72,7 +73,7 @@ def check_args(args, world: int):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_training_flags(args)
-    if args.data != "synthetic":
+    if args.data != "synthetic" and not is_token_file(args.data):
         size = Path(args.data).stat().st_size if Path(args.data).is_file() else None
         if size is None:
             raise ValueError(f"--data: no such file {args.data!r} (or pass 'synthetic')")
@@ -88,3 +89,13 @@ def check_training_flags(args) -> None:
     check_schedule(args.lr, args.steps, args.warmup_steps, args.lr_decay, args.min_lr)
     if args.clip_grad is not None and not args.clip_grad > 0:
         raise ValueError(f"--clip-grad must be positive, got {args.clip_grad}")
+    for name in ("eval_every", "eval_batches"):
+        if getattr(args, name) < (0 if name == "eval_every" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'eval_every' else 'positive'}, "
+                             f"got {getattr(args, name)}")
+    if args.eval_every and not is_token_file(args.data):
+        raise ValueError(f"--eval-every needs a token file --data PATH.bin, got --data {args.data}")
+    if not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if is_token_file(args.data):
+        train_and_eval_batches(args, args.vocab)   # opens the files: ValueError naming the flag if unfit

@@ -22,6 +22,8 @@ def step_line(args, record: dict) -> str:
         line += f" | lr {record['lr']:.3g} | grad norm {record['grad_norm']:.3f}"
     if args.pp > 1:
         line += f" | bubble {record['bubble']:.2f} (ideal {record['ideal_bubble']:.2f})"
+    if "eval_loss" in record:
+        line += f" | eval loss {record['eval_loss']:.4f}"
     if "memory_gib" in record:
         line += f" | mem {record['memory_gib']:.2f} GiB"
     if "mfu" in record:

@@ -49,6 +49,8 @@ def _train(args, config, device, rank, world) -> int:
     try:
         for step in range(1, args.steps + 1):
             record = {"step": step, **trainer.step(step)}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                record["eval_loss"] = trainer.evaluate()
             record["ideal_bubble"] = ideal_bubble(args.pp, args.microbatches)
             if device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 
 from .data import Batches
+from .evaluate import pipeline_eval_loss
 from .lr_schedule import LRSchedule
+from .token_data import is_token_file, train_and_eval_batches
 
 
 class Trainer:
@@ -37,12 +39,24 @@ class Trainer:
         self.clipper = GradClipper(self.stage, self.sync)
         self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
                                          no_sync=self.sync.no_sync)
-        self.batches = Batches(args.data, config.vocab_size, args.seq, args.global_batch, args.seed)
+        if is_token_file(args.data):
+            self.batches, self.eval_batches = train_and_eval_batches(args, config.vocab_size)
+        else:
+            self.batches, self.eval_batches = Batches(args.data, config.vocab_size, args.seq,
+                                                      args.global_batch, args.seed), None
 
-    def microbatches(self, step: int):
-        tokens = self.batches(step).to(self.device)
-        rows = tokens.chunk(self.mesh.dp)[self.mesh.dp_rank]
+    def microbatches(self, step: int, batches=None):
+        """This DP rank's rows of global batch `step`, split into microbatches (inputs, targets)."""
+        share = self.args.global_batch // self.mesh.dp
+        first = self.mesh.dp_rank * share
+        rows = (batches or self.batches).rows(step, first, first + share).to(self.device)
         return list(rows[:, :-1].chunk(self.args.microbatches)), list(rows[:, 1:].chunk(self.args.microbatches))
+
+    def evaluate(self) -> float:
+        """Mean loss over the ``--eval-batches`` held-out batches (the same ones every time)."""
+        losses = [pipeline_eval_loss(self.stage, self.mesh, *self.microbatches(j, self.eval_batches))
+                  for j in range(self.args.eval_batches)]
+        return sum(losses) / len(losses)
 
     def step(self, step: int) -> dict:
         """One optimizer step; returns the global loss and this step's timings (same on every rank)."""
