@@ -18,29 +18,19 @@ import torch
 import torch.distributed as dist
 
 from .data import _bucket_views
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .transformer import ParallelAttention
+from .spec import shard_specs
 
 
 def owned_mask(stage, param):
     """Whether this rank counts `param`'s gradient in the global norm, over TP and PP (DP is the
-    caller's: see :func:`stage_grad_entries`). ``True``, ``False`` or a bool mask tensor."""
-    mesh = stage.mesh
-    if stage.tied_across_stages and stage.is_last and not stage.is_first and param is stage.tied_weight():
-        return False   # the first stage counts the tied embedding
-    for module in stage.modules():
-        if isinstance(module, ParallelAttention) and param is module.qkv.weight and module.kv_replicas > 1:
-            # q rows are this rank's own; the kv rows are shared by kv_replicas consecutive ranks.
-            mask = torch.ones(param.shape[0], 1, dtype=torch.bool, device=param.device)
-            mask[module.num_heads * module.head_dim:] = mesh.tp_rank % module.kv_replicas == 0
-            return mask
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) and any(
-                param is p for p in module.parameters(recurse=False)):
-            return True
-        if isinstance(module, RowParallelLinear) and param is module.weight:
-            return True
-    # Whole on every TP rank: norms, row-parallel biases.
-    return mesh.tp_rank == 0
+    caller's: see :func:`stage_grad_entries`). ``True``, ``False`` or a bool mask tensor: read
+    from the parameter's shard spec (replica 0 of each segment counts; padding and the last
+    stage's copy of a tied embedding do not)."""
+    specs = shard_specs(stage)
+    for name, p in stage.named_parameters():
+        if p is param:
+            return specs[name].counted_mask(param.device)
+    raise ValueError("owned_mask: the parameter is not one of the stage's")
 
 
 class GradClipper:

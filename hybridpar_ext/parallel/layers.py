@@ -1,4 +1,6 @@
-"""Tensor-parallel layers in the manner of Megatron-Core, with optional sequence parallelism.
+"""Tensor-parallel layers in the manner of Megatron-Core, with optional sequence parallelism,
+each built from the dense module it replaces (``from_dense``) and carrying the
+:class:`~hybridpar_ext.parallel.spec.ShardSpec` of each of its parameters.
 
 Shapes are batch-first, ``(batch, seq, features)``; under sequence parallelism the
 activations between layers are ``(batch, seq / tp, features)`` and the sequence dimension is
@@ -6,9 +8,12 @@ gathered into a column-parallel layer and scattered out of a row-parallel one by
 overlapped ops (:func:`hybridpar_ext.ops.all_gather_matmul`,
 :func:`hybridpar_ext.ops.matmul_reduce_scatter`).
 
-Parameters that every tensor-parallel rank holds whole but whose gradient each rank only
-computes in part (a norm's weight or a row-parallel bias under sequence parallelism) carry
-``param.sequence_parallel = True``; :func:`all_reduce_sequence_parallel_grads` sums them.
+How a layer's output dimension is cut is data, not a subclass: ``blocks`` (the widths of
+consecutive fused blocks, e.g. ``[q, k, v]`` or ``[gate, up]``) each split over TP in whole
+``unit``-wide pieces (a head's width), a block with fewer units than ranks replicated (kv heads
+fewer than ranks); ``pad=True`` pads a vocabulary up to a multiple of TP. The spec records the
+result; :func:`sync_tensor_parallel_grads` sums, from the specs alone, the gradients each rank
+holds only in part (replicated segments marked ``partial_grad``).
 """
 
 import torch
@@ -17,6 +22,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from .mappings import all_reduce_flat, copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
+from .spec import (ShardSpec, block_segments, padded_segments, replicated_spec, set_shard_specs, shard_specs,
+                   spec_of)
+from .state_dict import shard_tensor
 
 SEQ_DIM = 1
 
@@ -25,6 +33,67 @@ def _shard(op: str, what: str, size: int, tp: int) -> int:
     if size % tp:
         raise ValueError(f"{op}: {what} ({size}) must be divisible by the tensor-parallel size ({tp})")
     return size // tp
+
+
+def _split_spec(op, what, shape, dim, tp, rank, blocks=None, unit=1, pad=False, replicable=()) -> ShardSpec:
+    """The spec of a tensor of global `shape` cut along `dim` (see the module docstring).
+    ``blocks``: None (one block), an int (that many equal blocks) or the blocks' widths."""
+    size = shape[dim]
+    if pad:
+        segments, padding = padded_segments(size, tp, rank)
+        return ShardSpec(shape, dim, segments, padding)
+    if blocks is None and unit == 1 and not replicable:
+        local = _shard(op, what, size, tp)
+        return ShardSpec(shape, dim, block_segments([size], local, tp, rank, op))
+    if blocks is None:
+        blocks = [size]
+    elif isinstance(blocks, int):
+        if blocks < 1 or size % blocks:
+            raise ValueError(f"{op}: {what} ({size}) does not split into {blocks} equal blocks")
+        blocks = [size // blocks] * blocks
+    if sum(blocks) != size:
+        raise ValueError(f"{op}: blocks {list(blocks)} must add up to {what} ({size})")
+    segments = block_segments(blocks, unit, tp, rank, op, replicable)
+    partial = any(s.replicas > 1 for s in segments)
+    return ShardSpec(shape, dim, segments, partial_grad=partial)
+
+
+def linear_shard_specs(op, in_features, out_features, bias, split_dim, tp, rank, sequence_parallel=False,
+                       blocks=None, unit=1, pad=False, replicable=()) -> dict:
+    """The specs of a Linear's ``weight`` (and ``bias``) split along `split_dim` (0: output
+    features, column-parallel; 1: input features, row-parallel) on rank `rank` of `tp`. A pure
+    function: the layers and the plan styles both call it."""
+    what = ("out_features", "in_features")[split_dim]
+    spec = _split_spec(op, what, (out_features, in_features), split_dim, tp, rank, blocks, unit, pad, replicable)
+    specs = {"weight": spec}
+    if bias and split_dim == 0:
+        specs["bias"] = ShardSpec((out_features,), 0, spec.segments, spec.padding, spec.partial_grad)
+    elif bias:
+        # Added after the reduction: whole on every rank; under SP to this rank's slice of the
+        # sequence, so its gradient is a partial sum.
+        specs["bias"] = replicated_spec((out_features,), tp, rank, partial_grad=sequence_parallel)
+    return specs
+
+
+def embedding_shard_specs(num_embeddings, embedding_dim, tp, rank, pad=False) -> dict:
+    """The spec of a vocabulary-parallel embedding's ``weight`` (rows split, padded if asked)."""
+    return {"weight": _split_spec("VocabParallelEmbedding", "num_embeddings", (num_embeddings, embedding_dim),
+                                  0, tp, rank, pad=pad)}
+
+
+def _load_from_dense(module, dense):
+    """Copy this rank's slices of `dense`'s parameters into `module` (nothing if `dense` is on
+    the meta device: the caller loads a state_dict later)."""
+    if dense.weight.is_meta:
+        return module
+    with torch.no_grad():
+        for name, spec in shard_specs(module).items():
+            getattr(module, name).copy_(shard_tensor(getattr(dense, name).detach(), spec))
+    return module
+
+
+def _factory(dense, device=None, dtype=None):
+    return dict(device=device or dense.weight.device, dtype=dtype or dense.weight.dtype)
 
 
 class _ColumnLinear(torch.autograd.Function):
@@ -49,35 +118,54 @@ class _ColumnLinear(torch.autograd.Function):
 
 class _ParallelLinear(torch.nn.Module):
     """The weight of a Linear(in_features, out_features) split over TP along `split_dim`
-    (0: output features, 1: input features); the bias, if any, has the output's width.
-    ``overlap=False`` runs each collective before or after its matmul instead of inside it:
-    the same numbers, for measuring what the overlap buys."""
+    (0: output features, 1: input features) as `blocks`/`unit`/`pad` say (by default in
+    ``tp`` equal slices); the bias, if any, has the output's width. ``overlap=False`` runs each
+    collective before or after its matmul instead of inside it: the same numbers, for
+    measuring what the overlap buys."""
 
     def __init__(self, in_features, out_features, tp_group, split_dim, bias, sequence_parallel,
-                 chunks, overlap, device, dtype):
+                 chunks, overlap, device, dtype, blocks=None, unit=1, pad=False, replicable=()):
         super().__init__()
         self.tp_group, self.sequence_parallel, self.chunks = tp_group, sequence_parallel, chunks
         self.overlap = overlap
         self.in_features, self.out_features = in_features, out_features
-        shape = [out_features, in_features]
-        name = ("out_features", "in_features")[split_dim]
-        shape[split_dim] = _shard(type(self).__name__, name, shape[split_dim], dist.get_world_size(tp_group))
+        tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        specs = linear_shard_specs(type(self).__name__, in_features, out_features, bias, split_dim, tp, rank,
+                                   sequence_parallel, blocks, unit, pad, replicable)
         factory = dict(device=device, dtype=dtype)
-        self.weight = torch.nn.Parameter(torch.empty(shape, **factory))
-        self.bias = torch.nn.Parameter(torch.zeros(shape[0], **factory)) if bias else None
+        self.weight = torch.nn.Parameter(torch.empty(specs["weight"].local_shape, **factory))
+        self.bias = torch.nn.Parameter(torch.zeros(specs["bias"].local_shape, **factory)) if bias else None
         torch.nn.init.normal_(self.weight, std=0.02)
+        set_shard_specs(self, specs)
+
+    @classmethod
+    def from_dense(cls, linear: torch.nn.Linear, tp_group, sequence_parallel=False,
+                   chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, blocks=None, unit=1, pad=False,
+                   replicable=(), device=None, dtype=None):
+        """The parallel form of `linear`, holding this rank's slices of its weights (empty if
+        `linear` is on the meta device). `linear` is left as it is."""
+        module = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
+                     sequence_parallel=sequence_parallel, chunks=chunks, overlap=overlap,
+                     blocks=blocks, unit=unit, pad=pad, replicable=replicable, **_factory(linear, device, dtype))
+        return _load_from_dense(module, linear)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"local={tuple(self.weight.shape)}, sequence_parallel={self.sequence_parallel}")
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    """``Linear(in_features, out_features)`` with the output features split over TP: this rank
-    holds rows ``[rank * out/tp, (rank+1) * out/tp)`` of the weight and returns that slice of
-    the output. ``sequence_parallel``: the input is this rank's sequence slice and is
-    all-gathered inside the matmul."""
+    """``Linear(in_features, out_features)`` with the output features split over TP: by default
+    this rank holds rows ``[rank * out/tp, (rank+1) * out/tp)`` of the weight and returns that
+    slice of the output; ``blocks``/``unit`` cut fused projections block by block, ``pad`` pads
+    ``out_features`` to a multiple of TP (see the module docstring). ``sequence_parallel``:
+    the input is this rank's sequence slice and is all-gathered inside the matmul."""
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
-                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None, blocks=None,
+                 unit=1, pad=False, replicable=()):
         super().__init__(in_features, out_features, tp_group, 0, bias, sequence_parallel, chunks,
-                         overlap, device, dtype)
+                         overlap, device, dtype, blocks, unit, pad, replicable)
 
     def forward(self, x):
         if not self.overlap:
@@ -93,15 +181,18 @@ class ColumnParallelLinear(_ParallelLinear):
 
 class RowParallelLinear(_ParallelLinear):
     """``Linear(in_features, out_features)`` with the input features split over TP (the input is
-    a column-parallel layer's output slice); the partial products are all-reduced, or under
-    ``sequence_parallel`` reduce-scattered along the sequence inside the matmul."""
+    a column-parallel layer's output slice; ``blocks``/``unit`` as for it); the partial products
+    are all-reduced, or under ``sequence_parallel`` reduce-scattered along the sequence inside
+    the matmul. The bias is whole on every rank, added after the reduction."""
 
     def __init__(self, in_features, out_features, tp_group, bias=False, sequence_parallel=False,
-                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None, blocks=None,
+                 unit=1, pad=False, replicable=()):
+        if pad:
+            raise ValueError("RowParallelLinear: pad is not supported (the input features are a "
+                             "column-parallel layer's output, which has no padding)")
         super().__init__(in_features, out_features, tp_group, 1, bias, sequence_parallel, chunks,
-                         overlap, device, dtype)
-        if self.bias is not None:
-            self.bias.sequence_parallel = sequence_parallel
+                         overlap, device, dtype, blocks, unit, pad, replicable)
 
     def forward(self, x):
         if self.sequence_parallel and self.overlap:
@@ -113,21 +204,66 @@ class RowParallelLinear(_ParallelLinear):
         return y if self.bias is None else y + self.bias
 
 
+class VocabParallelLMHead(ColumnParallelLinear):
+    """The LM head: ``Linear(hidden, vocab)`` column-parallel over the vocabulary, padded to a
+    multiple of TP. Its output is this rank's vocabulary slice of the logits, which
+    :meth:`loss` feeds to :func:`vocab_parallel_cross_entropy` without gathering them; padded
+    columns (past ``vocab_size``) are excluded from the softmax there."""
+
+    def __init__(self, in_features, vocab_size, tp_group, bias=False, sequence_parallel=False,
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
+        super().__init__(in_features, vocab_size, tp_group, bias, sequence_parallel, chunks, overlap,
+                         device, dtype, pad=True)
+        self.vocab_size = vocab_size
+        self.vocab_start = dist.get_rank(tp_group) * self.weight.shape[0]
+
+    @classmethod
+    def from_dense(cls, linear: torch.nn.Linear, tp_group, sequence_parallel=False,
+                   chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
+        """The parallel form of the LM head `linear` (``out_features`` is the vocabulary)."""
+        module = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
+                     sequence_parallel=sequence_parallel, chunks=chunks, overlap=overlap,
+                     **_factory(linear, device, dtype))
+        return _load_from_dense(module, linear)
+
+    def loss(self, logits, targets):
+        """Per-token cross-entropy of this head's logits slice (float32 or wider)."""
+        return vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.vocab_start, self.vocab_size)
+
+
 class VocabParallelEmbedding(torch.nn.Module):
     """``Embedding(num_embeddings, dim)`` with the vocabulary split over TP: each rank looks up
     the tokens of its shard, zeros elsewhere, and the partial embeddings are summed (all-reduce,
-    or under ``sequence_parallel`` reduce-scattered along the sequence)."""
+    or under ``sequence_parallel`` reduce-scattered along the sequence). ``pad=True`` pads the
+    vocabulary to a multiple of TP (the padding rows are never looked up)."""
 
     def __init__(self, num_embeddings, embedding_dim, tp_group, sequence_parallel=False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, pad=False):
         super().__init__()
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-        local = _shard("VocabParallelEmbedding", "num_embeddings", num_embeddings, tp)
+        spec = embedding_shard_specs(num_embeddings, embedding_dim, tp, rank, pad)["weight"]
+        local = spec.local_length
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_start, self.vocab_end = rank * local, (rank + 1) * local
-        self.weight = torch.nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.empty(spec.local_shape, device=device, dtype=dtype))
         torch.nn.init.normal_(self.weight, std=0.02)
+        set_shard_specs(self, {"weight": spec})
+
+    @classmethod
+    def from_dense(cls, embedding: torch.nn.Embedding, tp_group, sequence_parallel=False, pad=True,
+                   device=None, dtype=None):
+        """The parallel form of `embedding` (padded to a multiple of TP unless ``pad=False``),
+        holding this rank's rows of its table (empty if it is on the meta device)."""
+        if embedding.padding_idx is not None or embedding.max_norm is not None:
+            raise ValueError("VocabParallelEmbedding.from_dense: padding_idx and max_norm are not supported")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, tp_group, sequence_parallel,
+                     pad=pad, **_factory(embedding, device, dtype))
+        return _load_from_dense(module, embedding)
+
+    def extra_repr(self):
+        return (f"{self.num_embeddings}, {self.embedding_dim}, vocab=[{self.vocab_start}, {self.vocab_end}), "
+                f"sequence_parallel={self.sequence_parallel}")
 
     def forward(self, tokens):
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
@@ -140,8 +276,13 @@ class VocabParallelEmbedding(torch.nn.Module):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
-        logits = logits.float()
+    def forward(ctx, logits, targets, vocab_start, vocab_size, group):
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # float64 stays float64
+        valid = vocab_size - vocab_start   # columns of this shard inside the vocabulary
+        if valid < logits.shape[-1]:
+            # Padding: exp(-inf) = 0 leaves it out of the sum and gives it no gradient.
+            padded = torch.arange(logits.shape[-1], device=logits.device) >= max(valid, 0)
+            logits = logits.masked_fill(padded, float("-inf"))
         local_max = logits.max(dim=-1).values
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - local_max.unsqueeze(-1)
@@ -167,35 +308,93 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         hit = (~outside).view(-1)
         idx = torch.arange(rows.shape[0], device=rows.device)
         rows[idx[hit], local_target.view(-1)[hit]] -= 1.0
-        return grad_logits * grad.unsqueeze(-1), None, None, None
+        return grad_logits * grad.unsqueeze(-1), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard, targets, tp_group, vocab_start=None):
+def vocab_parallel_cross_entropy(logits_shard, targets, tp_group, vocab_start=None, vocab_size=None):
     """Per-token cross-entropy of logits split over TP along the vocabulary (this rank holds
     ``[vocab_start, vocab_start + logits_shard.shape[-1])``), without gathering the logits: the
-    max, the sum of exponentials and the target's logit are each reduced over TP. Returns
-    float32 losses of ``targets``' shape."""
+    max, the sum of exponentials and the target's logit are each reduced over TP. Columns at or
+    past ``vocab_size`` (a vocabulary padded to a multiple of TP) are left out of the softmax.
+    Returns float32 (float64 for float64 logits) losses of ``targets``' shape."""
     if vocab_start is None:
         vocab_start = dist.get_rank(tp_group) * logits_shard.shape[-1]
+    if vocab_size is None:
+        vocab_size = dist.get_world_size(tp_group) * logits_shard.shape[-1]
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"vocab_parallel_cross_entropy: targets must have shape {tuple(logits_shard.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
-    return _VocabParallelCrossEntropy.apply(logits_shard, targets, vocab_start, tp_group)
+    return _VocabParallelCrossEntropy.apply(logits_shard, targets, vocab_start, vocab_size, tp_group)
 
 
-def mark_sequence_parallel(*modules):
-    """Mark the parameters of modules that run on this rank's sequence slice (norms under
-    sequence parallelism): each rank's gradient of them is a partial sum over TP."""
-    for module in modules:
-        for p in module.parameters():
-            p.sequence_parallel = True
+def _partial_layout(module, tp_group):
+    """For the parameters whose replicated segments hold partial gradients: (param, spec, the
+    global span [lo, hi) along the spec's dimension that covers every TP rank's replicated
+    segments of it). Agreed over TP with one exchange, then cached on `module`."""
+    cache = getattr(module, "_partial_grad_layout", None)
+    if cache is not None and cache[0] is tp_group:
+        return cache[1]
+    mine = []
+    for name, p in module.named_parameters():
+        spec = _spec_for(module, name)
+        if spec is not None and spec.partial_grad:
+            replicated = [s for s in spec.segments if s.replicas > 1]
+            if replicated:
+                mine.append((name, min(s.start for s in replicated), max(s.stop for s in replicated)))
+    everyone = [None] * dist.get_world_size(tp_group)
+    dist.all_gather_object(everyone, mine, group=tp_group)
+    names = [[n for n, _, _ in r] for r in everyone]
+    if any(n != names[0] for n in names):
+        raise RuntimeError("sync_tensor_parallel_grads: the tensor-parallel ranks disagree on which "
+                           f"parameters hold partial gradients: {names}")
+    params = dict(module.named_parameters())
+    layout = []
+    for i, name in enumerate(names[0]):
+        lo = min(r[i][1] for r in everyone)
+        hi = max(r[i][2] for r in everyone)
+        layout.append((params[name], _spec_for(module, name), lo, hi))
+    module._partial_grad_layout = (tp_group, layout)
+    return layout
 
 
-def sequence_parallel_grads(module) -> list:
-    return [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+def _spec_for(module, qualified):
+    owner, _, leaf = qualified.rpartition(".")
+    return spec_of(module.get_submodule(owner) if owner else module, leaf)
 
 
-def all_reduce_sequence_parallel_grads(module, tp_group):
-    """Sum over TP the gradients that sequence parallelism leaves partial (marked
-    ``param.sequence_parallel``), one collective for all of them."""
-    all_reduce_flat(sequence_parallel_grads(module), tp_group)
+def partial_grad_params(module) -> list:
+    """The parameters of `module` whose gradients :func:`sync_tensor_parallel_grads` still
+    changes (a sharded optimizer must see them whole before)."""
+    out = []
+    for name, p in module.named_parameters():
+        spec = _spec_for(module, name)
+        if spec is not None and spec.partial_grad and any(s.replicas > 1 for s in spec.segments):
+            out.append(p)
+    return out
+
+
+def sync_tensor_parallel_grads(module, tp_group):
+    """After backward (and after the data-parallel reduction, which commutes with it): sum over
+    the ranks that hold it each replicated segment whose gradient is partial (specs with
+    ``partial_grad``: norms and row-parallel biases under sequence parallelism, kv heads
+    replicated over fewer kv heads than ranks). One collective for all of them: each rank
+    writes its segments into a zeroed buffer laid out in global coordinates, so summing over
+    all of TP sums each segment over its holders."""
+    layout = _partial_layout(module, tp_group)
+    pieces, slots = [], []
+    for p, spec, lo, hi in layout:
+        if p.grad is None:
+            continue
+        shape = list(spec.global_shape)
+        shape[spec.dim] = hi - lo
+        slot = p.grad.new_zeros(shape)
+        for offset, seg in spec.local_segments():
+            if seg.replicas > 1:
+                slot.narrow(spec.dim, seg.start - lo, seg.length).copy_(p.grad.narrow(spec.dim, offset, seg.length))
+        pieces.append((p, spec, lo))
+        slots.append(slot)
+    all_reduce_flat(slots, tp_group)
+    for (p, spec, lo), slot in zip(pieces, slots):
+        for offset, seg in spec.local_segments():
+            if seg.replicas > 1:
+                p.grad.narrow(spec.dim, offset, seg.length).copy_(slot.narrow(spec.dim, seg.start - lo, seg.length))
