@@ -25,7 +25,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .schedules import Action, build_schedule, check_schedule, rank_and_chunk, simulate, virtual_stage
+from .schedules import (Action, build_schedule, check_schedule, chunk_layers, rank_and_chunk, simulate,
+                        virtual_stage)
 
 
 def one_f_one_b(stage: int, num_stages: int, num_microbatches: int) -> List[tuple]:
@@ -42,6 +43,38 @@ def one_f_one_b(stage: int, num_stages: int, num_microbatches: int) -> List[tupl
 def ideal_bubble(num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> float:
     """Idle fraction of (interleaved) 1F1B on stages of equal cost: ``(p-1) / (v m + p-1)``."""
     return (num_stages - 1) / (virtual_stages * num_microbatches + num_stages - 1)
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """The ``v`` model chunks one rank holds under interleaving (chunk ``k`` is virtual stage
+    ``k p + rank``), as one module for what works on all of a rank's parameters: the
+    data-parallel reducer, the optimizer, the gradient sums a stage owes after backward."""
+
+    @property
+    def is_first(self) -> bool:
+        return bool(self[0].is_first)
+
+    @property
+    def is_last(self) -> bool:
+        return bool(self[-1].is_last)
+
+    def synced_after_reduction(self, param) -> bool:
+        return any(getattr(chunk, "synced_after_reduction", lambda p: False)(param) for chunk in self)
+
+    def finish_grads(self) -> None:
+        for chunk in self:
+            if hasattr(chunk, "finish_grads"):
+                chunk.finish_grads()
+
+
+def build_chunks(build: Callable, num_layers: int, p: int, v: int, rank: int) -> ModelChunks:
+    """Rank `rank`'s `v` chunks of a model of `num_layers` layers on `p` pipeline ranks:
+    ``build(layer_ids, holds_first, holds_last)`` makes one (a GPT's, for instance
+    ``lambda ids, first, last: build_stage(model, mesh, ids, first, last)``); the layers are
+    dealt by :func:`~hybridpar_ext.parallel.schedules.chunk_layers`."""
+    last = p * v - 1
+    return ModelChunks([build(list(layers), virtual_stage(rank, k, p) == 0, virtual_stage(rank, k, p) == last)
+                        for k, layers in enumerate(chunk_layers(num_layers, p, v, rank))])
 
 
 @dataclass

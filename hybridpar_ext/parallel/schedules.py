@@ -61,6 +61,29 @@ def rank_and_chunk(stage: int, p: int) -> Tuple[int, int]:
     return stage % p, stage // p
 
 
+def chunk_layers(num_layers: int, p: int, v: int, rank: int) -> List[range]:
+    """The layers of each of rank `rank`'s `v` model chunks: the ``p v`` virtual stages take
+    consecutive runs of layers, as even as can be (the earlier ones one more when ``p v`` does
+    not divide `num_layers`), and rank ``r`` holds virtual stages ``r, r + p, ...``."""
+    for name, value in (("layers", num_layers), ("pipeline stages (p)", p), ("virtual stages (v)", v)):
+        _positive_int(name, value)
+    if not 0 <= rank < p:
+        raise ValueError(f"rank must be in [0, {p}), got {rank}")
+    stages = p * v
+    if num_layers < stages:
+        fits = num_layers // p
+        hint = f"; try v <= {fits}" if fits >= 1 else ""
+        raise ValueError(f"layers ({num_layers}) must be at least pipeline stages x virtual stages = "
+                         f"{p} x {v} = {stages}{hint}")
+    base, extra = divmod(num_layers, stages)
+    out = []
+    for chunk in range(v):
+        s = virtual_stage(rank, chunk, p)
+        start = s * base + min(s, extra)
+        out.append(range(start, start + base + (1 if s < extra else 0)))
+    return out
+
+
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

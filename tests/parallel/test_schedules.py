@@ -128,3 +128,20 @@ def test_communication_latency_only_adds_time():
         slow = simulate(lists, p, v, m, comm=0.3)
         assert slow.makespan > base.makespan
         assert slow.busy == base.busy
+
+
+def test_chunk_layers_deal_the_model_to_virtual_stages_in_order():
+    from hybridpar_ext.parallel.schedules import chunk_layers
+
+    for layers, p, v in ((4, 2, 2), (5, 2, 2), (9, 4, 2), (13, 3, 4), (8, 8, 1)):
+        per_rank = [chunk_layers(layers, p, v, r) for r in range(p)]
+        by_stage = [per_rank[s % p][s // p] for s in range(p * v)]   # virtual stage s = chunk * p + rank
+        assert [i for run in by_stage for i in run] == list(range(layers))
+        sizes = [len(run) for run in by_stage]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert chunk_layers(5, 2, 2, 0) == [range(0, 2), range(3, 4)]
+    with pytest.raises(ValueError, match=r"layers \(5\) must be at least pipeline stages x virtual stages = "
+                                         r"2 x 4 = 8; try v <= 2"):
+        chunk_layers(5, 2, 4, 0)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        chunk_layers(5, 2, 2, 2)
