@@ -5,7 +5,13 @@ both (``IS_RMS``), as in flash-attention's ``layer_norm.py``.
 
 Layout: the launchers take 2-D tensors ``(rows, width)`` whose last dimension has
 stride 1; rows may have any stride (including 0, as an expanded gradient has).
-Statistics are always computed and stored in fp32.
+
+Precision: the kernels compute in the dtype of the statistics buffers (``MEAN``/``RSTD``),
+which the launchers allocate in the compute dtype of the input: fp32 for fp16, bf16 and
+fp32 inputs, fp64 for fp64 inputs, so a float64 norm is float64 throughout (statistics,
+row sums, the partial dW/dB). ``eps`` arrives as a float64 scalar and is rounded to the
+compute dtype in the kernel; a plain float argument would be fp32 and cost a float64 norm
+its exactness.
 
 Two code paths, picked per launch:
 - the row fits in registers (``width <= 64 KiB / element_size``): one read of x (and
@@ -14,8 +20,8 @@ Two code paths, picked per launch:
   forward (mean, variance, normalise), two in the backward.
 
 The weight/bias gradients are reduced without atomics: each program accumulates the
-rows it owns into its own row of an fp32 buffer, and the buffer is summed over
-programs afterwards, so the backward is deterministic.
+rows it owns into its own row of a buffer in the compute dtype, and the buffer is summed
+over programs afterwards, so the backward is deterministic.
 
 This module imports torch and triton only.
 """
@@ -31,16 +37,17 @@ CHUNK = 4096
 
 
 @triton.jit
-def _load_row(X, RES, H, x_row, res_row, h_row, cols, mask, HAS_RES: tl.constexpr):
-    """Loads x (plus the residual, storing h = x + residual) as fp32."""
-    x = tl.load(X + x_row + cols, mask=mask, other=0.0).to(tl.float32)
+def _load_row(X, RES, H, x_row, res_row, h_row, cols, mask, HAS_RES: tl.constexpr,
+              ACC: tl.constexpr):
+    """Loads x (plus the residual, storing h = x + residual) in the compute dtype ACC."""
+    x = tl.load(X + x_row + cols, mask=mask, other=0.0).to(ACC)
     if HAS_RES:
-        x += tl.load(RES + res_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(RES + res_row + cols, mask=mask, other=0.0).to(ACC)
         # Normalise h as stored (rounded to its dtype), so the forward, the backward
         # (which reads h back) and the unfused composition all agree.
         h = x.to(H.dtype.element_ty)
         tl.store(H + h_row + cols, h, mask=mask)
-        x = h.to(tl.float32)
+        x = h.to(ACC)
     return x
 
 
@@ -48,10 +55,14 @@ def _load_row(X, RES, H, x_row, res_row, h_row, cols, mask, HAS_RES: tl.constexp
 def _norm_fwd_kernel(
     X, RES, W, B, Y, H, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_h,
-    N, eps,
+    N, eps: tl.float64,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    ACC: tl.constexpr = RSTD.dtype.element_ty
+    # tl.full, not tl.cast: the interpreter passes eps as a Python float, which tl.cast
+    # would round through fp32.
+    eps = tl.full((), eps, ACC)
     row = tl.cast(tl.program_id(0), tl.int64)
     x_row = row * stride_x
     res_row = row * stride_res
@@ -61,7 +72,7 @@ def _norm_fwd_kernel(
 
     if SINGLE_PASS:
         mask = cols < N
-        x = _load_row(X, RES, H, x_row, res_row, h_row, cols, mask, HAS_RES)
+        x = _load_row(X, RES, H, x_row, res_row, h_row, cols, mask, HAS_RES, ACC)
         if IS_RMS:
             var = tl.sum(x * x, axis=0) / N
         else:
@@ -76,9 +87,9 @@ def _norm_fwd_kernel(
         else:
             y = xc * rstd
         if HAS_W:
-            y = y * tl.load(W + cols, mask=mask).to(tl.float32)
+            y = y * tl.load(W + cols, mask=mask).to(ACC)
         if HAS_B:
-            y = y + tl.load(B + cols, mask=mask).to(tl.float32)
+            y = y + tl.load(B + cols, mask=mask).to(ACC)
         tl.store(Y + y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Chunked: the first pass also writes h, so later passes read h, not x + res.
@@ -90,44 +101,45 @@ def _norm_fwd_kernel(
             src_row = x_row
         mean = 0.0
         if not IS_RMS:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N], dtype=ACC)
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                x = _load_row(X, RES, H, x_row, res_row, h_row, start + cols, mask, HAS_RES)
+                x = _load_row(X, RES, H, x_row, res_row, h_row, start + cols, mask, HAS_RES, ACC)
                 acc += x
             mean = tl.sum(acc, axis=0) / N
             tl.store(MEAN + row, mean)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
             if IS_RMS:
-                x = _load_row(X, RES, H, x_row, res_row, h_row, start + cols, mask, HAS_RES)
+                x = _load_row(X, RES, H, x_row, res_row, h_row, start + cols, mask, HAS_RES, ACC)
             else:
-                x = tl.load(SRC + src_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(SRC + src_row + start + cols, mask=mask, other=0.0).to(ACC)
             xc = tl.where(mask, x - mean, 0.0)
             acc += xc * xc
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         tl.store(RSTD + row, rstd)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            x = tl.load(SRC + src_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(SRC + src_row + start + cols, mask=mask, other=0.0).to(ACC)
             y = (x - mean) * rstd
             if HAS_W:
-                y = y * tl.load(W + start + cols, mask=mask).to(tl.float32)
+                y = y * tl.load(W + start + cols, mask=mask).to(ACC)
             if HAS_B:
-                y = y + tl.load(B + start + cols, mask=mask).to(tl.float32)
+                y = y + tl.load(B + start + cols, mask=mask).to(ACC)
             tl.store(Y + y_row + start + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _chunk_terms(X_row, DY_row, W, cols, mask, mean, rstd, HAS_W: tl.constexpr):
-    """dy, x-hat and w * dy of one chunk of a row, in fp32."""
-    x = tl.load(X_row + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY_row + cols, mask=mask, other=0.0).to(tl.float32)
+def _chunk_terms(X_row, DY_row, W, cols, mask, mean, rstd, HAS_W: tl.constexpr,
+                 ACC: tl.constexpr):
+    """dy, x-hat and w * dy of one chunk of a row, in the compute dtype ACC."""
+    x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY_row + cols, mask=mask, other=0.0).to(ACC)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     wdy = dy
     if HAS_W:
-        wdy = dy * tl.load(W + cols, mask=mask).to(tl.float32)
+        wdy = dy * tl.load(W + cols, mask=mask).to(ACC)
     return dy, xhat, wdy
 
 
@@ -139,6 +151,7 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_DH: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    ACC: tl.constexpr = RSTD.dtype.element_ty
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -148,14 +161,14 @@ def _norm_bwd_kernel(
     if SINGLE_PASS:
         mask = cols < N
         if HAS_W:
-            w = tl.load(W + cols, mask=mask).to(tl.float32)
-            dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+            w = tl.load(W + cols, mask=mask).to(ACC)
+            dw = tl.zeros([BLOCK_N], dtype=ACC)
         if HAS_B:
-            db = tl.zeros([BLOCK_N], dtype=tl.float32)
+            db = tl.zeros([BLOCK_N], dtype=ACC)
         for row in range(row_start, row_end):
             row64 = tl.cast(row, tl.int64)
-            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(ACC)
             rstd = tl.load(RSTD + row)
             if IS_RMS:
                 xhat = x * rstd
@@ -175,7 +188,7 @@ def _norm_bwd_kernel(
                 c2 = tl.sum(wdy, axis=0) / N
                 dx = (wdy - (xhat * c1 + c2)) * rstd
             if HAS_DH:
-                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(ACC)
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_W:
             tl.store(DW_PART + part + cols, dw, mask=mask)
@@ -190,12 +203,12 @@ def _norm_bwd_kernel(
             mean = 0.0
             if not IS_RMS:
                 mean = tl.load(MEAN + row)
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_N], dtype=ACC)
+            acc2 = tl.zeros([BLOCK_N], dtype=ACC)
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
                 dy, xhat, wdy = _chunk_terms(X + row64 * stride_x, DY + row64 * stride_dy, W,
-                                             start + cols, mask, mean, rstd, HAS_W)
+                                             start + cols, mask, mean, rstd, HAS_W, ACC)
                 acc1 += xhat * wdy
                 acc2 += wdy
             c1 = tl.sum(acc1, axis=0) / N
@@ -205,7 +218,7 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
                 dy, xhat, wdy = _chunk_terms(X + row64 * stride_x, DY + row64 * stride_dy, W,
-                                             start + cols, mask, mean, rstd, HAS_W)
+                                             start + cols, mask, mean, rstd, HAS_W, ACC)
                 if HAS_W:
                     dw = tl.load(DW_PART + part + start + cols, mask=mask)
                     tl.store(DW_PART + part + start + cols, dw + dy * xhat, mask=mask)
@@ -214,7 +227,7 @@ def _norm_bwd_kernel(
                     tl.store(DB_PART + part + start + cols, db + dy, mask=mask)
                 dx = (wdy - (xhat * c1 + c2)) * rstd
                 if HAS_DH:
-                    dx += tl.load(DH + row64 * stride_dh + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    dx += tl.load(DH + row64 * stride_dh + start + cols, mask=mask, other=0.0).to(ACC)
                 tl.store(DX + row64 * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -238,18 +251,25 @@ def _programs_for_backward(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 8))
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute and keep statistics in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool):
     """Forward of LayerNorm (``is_rms=False``) or RMSNorm over the last dim of 2-D ``x``.
 
     Returns ``(y, h, mean, rstd)``: ``h = x + residual`` (None without residual),
-    ``mean`` (None for RMSNorm) and ``rstd`` are fp32 vectors of length ``rows``.
+    ``mean`` (None for RMSNorm) and ``rstd`` are vectors of length ``rows`` in
+    ``compute_dtype(x.dtype)``.
     """
     rows, width = x.shape
     assert rows == 0 or (x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1))
     y = torch.empty((rows, width), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty_like(y)
-    mean = None if is_rms else torch.empty(rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    acc = compute_dtype(x.dtype)
+    mean = None if is_rms else torch.empty(rows, dtype=acc, device=x.device)
+    rstd = torch.empty(rows, dtype=acc, device=x.device)
     if rows == 0:
         return y, h, mean, rstd
     block, single_pass, num_warps = _block_and_warps(width, x.element_size())
@@ -269,9 +289,10 @@ def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool):
     """Backward of :func:`norm_fwd`.
 
     ``x`` is the normalised input (h when the forward had a residual), ``dh`` the
-    gradient flowing into h from elsewhere (or None). Returns ``(dx, dweight, dbias)``,
-    dweight/dbias in fp32 (None where there is no weight/bias); dx is also the
-    gradient of the residual.
+    gradient flowing into h from elsewhere (or None); ``mean``/``rstd`` are the forward's,
+    in ``compute_dtype(x.dtype)``. Returns ``(dx, dweight, dbias)``, dweight/dbias in the
+    compute dtype (None where there is no weight/bias); dx is also the gradient of the
+    residual.
     """
     rows, width = x.shape
     assert rows == 0 or (x.stride(-1) == 1 and dy.stride(-1) == 1 and (dh is None or dh.stride(-1) == 1))
@@ -281,8 +302,10 @@ def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool):
     block, single_pass, num_warps = _block_and_warps(width, x.element_size())
     # The chunked path accumulates into the buffer, so it must start at zero.
     alloc = torch.empty if single_pass and rows > 0 else torch.zeros
-    dw_part = alloc((programs, width), dtype=torch.float32, device=x.device) if has_w else None
-    db_part = alloc((programs, width), dtype=torch.float32, device=x.device) if has_bias else None
+    acc = compute_dtype(x.dtype)
+    assert rstd.dtype == acc and (is_rms or mean.dtype == acc)
+    dw_part = alloc((programs, width), dtype=acc, device=x.device) if has_w else None
+    db_part = alloc((programs, width), dtype=acc, device=x.device) if has_bias else None
     if rows > 0:
         rows_per_program = triton.cdiv(rows, programs)
         _norm_bwd_kernel[(programs,)](

@@ -44,12 +44,13 @@ def _compile_all(capability: int):
         out = triton.compile(ASTSource(kernel, sig, const), target=target, options=options)
         compiled.append((kernel.__name__, constexprs, out.metadata.shared))
 
-    stats = {p: "*fp32" for p in ("W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART")}
-    for dt in ("*bf16", "*fp32"):
+    # The norms compute in the dtype of their statistics: fp32, or fp64 for fp64 inputs.
+    for dt, acc in (("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*fp64", "*fp64")):
+        stats = {p: acc for p in ("W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART")}
         for single, block in ((True, 8192), (False, N.CHUNK)):
             flags = dict(NORM_FLAGS, SINGLE_PASS=single, BLOCK_N=block)
             build(N._norm_fwd_kernel, dict(flags, HAS_RES=True),
-                  dict(stats, X=dt, RES=dt, Y=dt, H=dt), ("eps",), num_warps=16)
+                  dict(stats, X=dt, RES=dt, Y=dt, H=dt, eps="fp64"), num_warps=16)
             build(N._norm_bwd_kernel, dict(flags, HAS_DH=True),
                   dict(stats, X=dt, W=dt, DY=dt, DH=dt, DX=dt), num_warps=16)
 
@@ -83,7 +84,7 @@ def test_kernels_compile_for_gpu(capability, tmp_path):
     result = subprocess.run([sys.executable, __file__, str(capability)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 24 kernels" in result.stdout, result.stdout[-2000:]
+    assert "compiled 28 kernels" in result.stdout, result.stdout[-2000:]
 
 
 if __name__ == "__main__":

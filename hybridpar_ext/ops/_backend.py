@@ -53,13 +53,14 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernels should run for tensor ``t``."""
-    return use_triton_for(t.device, t.dtype)
+def use_triton(t: torch.Tensor, dtypes=TRITON_DTYPES) -> bool:
+    """True when the Triton kernels should run for tensor ``t``; ``dtypes``: those the
+    op's kernels take (the norms' also take float64)."""
+    return use_triton_for(t.device, t.dtype, dtypes)
 
 
-def use_triton_for(device: torch.device, dtype: torch.dtype) -> bool:
-    if dtype not in TRITON_DTYPES:
+def use_triton_for(device: torch.device, dtype: torch.dtype, dtypes=TRITON_DTYPES) -> bool:
+    if dtype not in dtypes:
         return False
     choice = requested()
     if choice == "reference":

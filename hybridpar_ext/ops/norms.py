@@ -17,6 +17,14 @@ from ..reference._dtypes import acc_dtype
 from . import _backend, _checks
 
 
+# The kernels compute in float64 for float64 inputs, so float64 runs them too.
+NORM_TRITON_DTYPES = _backend.TRITON_DTYPES + (torch.float64,)
+
+
+def _use_triton(x: Tensor) -> bool:
+    return _backend.use_triton(x, NORM_TRITON_DTYPES)
+
+
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     """`t` as (rows, width) with unit stride along the width: a view when possible."""
     if t is None:
@@ -50,7 +58,7 @@ def _unrows(t: Optional[Tensor], shape, like: Tensor) -> Tensor:
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 residual: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x2, r2 = _rows(x), _rows(residual)
-    if _backend.use_triton(x):
+    if _use_triton(x):
         y, h, mean, rstd = _backend.kernels("norm").norm_fwd(
             x2, _contiguous(weight), _contiguous(bias), r2, eps, is_rms=False)
     else:
@@ -70,7 +78,7 @@ def _(x, weight, bias, residual, eps):
 def _layer_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
                          has_bias: bool, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dy2, dh2, x2 = _rows(dy), _rows(dh), _rows(x)
-    if _backend.use_triton(x):
+    if _use_triton(x):
         dx, dw, db = _backend.kernels("norm").norm_bwd(
             dy2, dh2, x2, _contiguous(weight), has_bias, mean.reshape(-1), rstd.reshape(-1),
             is_rms=False)
@@ -118,7 +126,7 @@ _layer_norm.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 def _rms_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
               eps: float) -> tuple[Tensor, Tensor, Tensor]:
     x2, r2 = _rows(x), _rows(residual)
-    if _backend.use_triton(x):
+    if _use_triton(x):
         y, h, _, rstd = _backend.kernels("norm").norm_fwd(
             x2, _contiguous(weight), None, r2, eps, is_rms=True)
     else:
@@ -136,7 +144,7 @@ def _(x, weight, residual, eps):
 def _rms_norm_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
                        rstd: Tensor) -> tuple[Tensor, Tensor]:
     dy2, dh2, x2 = _rows(dy), _rows(dh), _rows(x)
-    if _backend.use_triton(x):
+    if _use_triton(x):
         dx, dw, _ = _backend.kernels("norm").norm_bwd(
             dy2, dh2, x2, _contiguous(weight), False, None, rstd.reshape(-1), is_rms=True)
     else:
@@ -170,40 +178,88 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 # ---------------------------------------------------------------------------- public
 
-def _check_norm_args(op, x, weight, bias, eps, residual):
+def _normalized_shape(op, x, normalized_shape):
+    """The trailing dims of x to normalise over, as a tuple (the last one by default)."""
+    if normalized_shape is None:
+        return (x.shape[-1],)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if not shape or any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
+        raise ValueError(f"{op}: normalized_shape must be an int or a non-empty sequence of "
+                         f"ints, got {normalized_shape!r}")
+    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{op}: x's trailing dimensions must be normalized_shape {shape}, "
+                         f"got x of shape {tuple(x.shape)}")
+    return shape
+
+
+def _check_norm_args(op, x, weight, bias, eps, residual, normalized_shape):
+    """Checks the arguments; returns the normalised shape."""
     _checks.check_tensor(op, "x", x)
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension, got a 0-d tensor")
-    width = x.shape[-1]
-    _checks.check_optional(op, "weight", weight, (width,), x.device)
-    _checks.check_optional(op, "bias", bias, (width,), x.device)
+    shape = _normalized_shape(op, x, normalized_shape)
+    _checks.check_optional(op, "weight", weight, shape, x.device)
+    _checks.check_optional(op, "bias", bias, shape, x.device)
     _checks.check_optional(op, "residual", residual, x.shape, x.device)
     if residual is not None and residual.dtype != x.dtype:
         raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
     _checks.check_positive(op, "eps", eps)
+    return shape
+
+
+def _flat(t: Optional[Tensor], ndim: int) -> Optional[Tensor]:
+    """`t` with its last `ndim` dims merged into one: the custom ops normalise the last dim."""
+    return None if t is None or ndim == 1 else t.flatten(t.dim() - ndim)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, residual: Optional[Tensor] = None):
-    """LayerNorm over the last dimension of ``x`` (any leading shape).
+               eps: float = 1e-5, residual: Optional[Tensor] = None, *, normalized_shape=None):
+    """LayerNorm over the trailing ``normalized_shape`` dims of ``x`` (default: the last).
 
-    With ``residual``, computes ``h = x + residual`` and returns ``(layer_norm(h), h)`` in
-    one pass, the add + norm of a pre-norm transformer block. Statistics and accumulation
-    are fp32 for half and fp32 inputs and fp64 for fp64 inputs; the output has the dtype
-    of ``x``. ``weight`` and ``bias`` have shape
-    ``(x.shape[-1],)`` and may have another floating dtype than ``x``.
+    As ``torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)``; with
+    ``residual``, computes ``h = x + residual`` and returns ``(layer_norm(h), h)`` in one
+    pass, the add + norm of a pre-norm transformer block. Statistics and accumulation are
+    fp32 for half and fp32 inputs and fp64 for fp64 inputs; the output has the dtype of
+    ``x``. ``weight`` and ``bias`` have shape ``normalized_shape`` and may have another
+    floating dtype than ``x``.
+
+    Where it differs from torch's function: the argument order (``normalized_shape`` is
+    keyword-only and optional), ``eps`` must be positive (torch takes any number), and a
+    ``weight`` or ``bias`` of another dtype than ``x`` is allowed on every device.
     """
-    _check_norm_args("layer_norm", x, weight, bias, eps, residual)
-    y, h, _, _ = torch.ops.hybridpar.layer_norm(x, weight, bias, residual, float(eps))
+    shape = _check_norm_args("layer_norm", x, weight, bias, eps, residual, normalized_shape)
+    n = len(shape)
+    if n == 1:
+        y, h, _, _ = torch.ops.hybridpar.layer_norm(x, weight, bias, residual, float(eps))
+    else:
+        y, h, _, _ = torch.ops.hybridpar.layer_norm(
+            _flat(x, n), _flat(weight, n), _flat(bias, n), _flat(residual, n), float(eps))
+        y, h = y.view(x.shape), (h.view(x.shape) if residual is not None else h)
     return y if residual is None else (y, h)
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
-             residual: Optional[Tensor] = None):
-    """RMSNorm over the last dimension of ``x``: ``x / sqrt(mean(x**2) + eps) * weight``.
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 1e-6,
+             residual: Optional[Tensor] = None, *, normalized_shape=None):
+    """RMSNorm over the trailing ``normalized_shape`` dims of ``x`` (default: the last):
+    ``x / sqrt(mean(x**2) + eps) * weight``.
 
-    ``residual`` works as in :func:`layer_norm`.
+    As ``torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)``, with
+    ``eps=None`` meaning ``torch.finfo(x.dtype).eps`` as there; but the default ``eps`` is
+    1e-6 (LLaMA's), not None. ``residual`` and precision as in :func:`layer_norm`.
     """
-    _check_norm_args("rms_norm", x, weight, None, eps, residual)
-    y, h, _ = torch.ops.hybridpar.rms_norm(x, weight, residual, float(eps))
+    _checks.check_tensor("rms_norm", "x", x)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    shape = _check_norm_args("rms_norm", x, weight, None, eps, residual, normalized_shape)
+    n = len(shape)
+    if n == 1:
+        y, h, _ = torch.ops.hybridpar.rms_norm(x, weight, residual, float(eps))
+    else:
+        y, h, _ = torch.ops.hybridpar.rms_norm(
+            _flat(x, n), _flat(weight, n), _flat(residual, n), float(eps))
+        y, h = y.view(x.shape), (h.view(x.shape) if residual is not None else h)
     return y if residual is None else (y, h)

@@ -76,7 +76,7 @@ def test_residual_forward(backend, device, cls):
 
 @pytest.mark.parametrize("cls", [hnn.LayerNorm, hnn.RMSNorm])
 def test_wrong_trailing_shape(cls):
-    with pytest.raises(ValueError, match=r"input's trailing dimensions must be \(16,\)"):
+    with pytest.raises(ValueError, match=r"trailing dimensions must be normalized_shape \(16,\)"):
         cls(16)(torch.randn(2, 15))
 
 

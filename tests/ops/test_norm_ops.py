@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybridpar_ext import ops
+from hybridpar_ext.ops import _backend
 from hybridpar_ext.reference import norms as ref
 from hybridpar_ext.testing import assert_close_to_reference
 
@@ -121,10 +122,20 @@ def test_mixed_precision_weight(backend, device, kind):
     assert_close_to_reference(dw, edw, torch.bfloat16, "dweight")
 
 
-def test_float64_runs_the_reference(device, monkeypatch):
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_float64_runs_the_kernels(device, monkeypatch, kind):
+    # The kernels compute in float64 for float64 inputs, so the backend sends them there.
     monkeypatch.setenv("HYBRIDPAR_BACKEND", "triton")
-    x = torch.randn(4, 10, dtype=torch.float64, device=device)
-    torch.testing.assert_close(ops.layer_norm(x), ref.layer_norm(x))
+    norm = _backend.kernels("norm")
+    calls = []
+    for name in ("norm_fwd", "norm_bwd"):
+        fn = getattr(norm, name)
+        monkeypatch.setattr(norm, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    x = torch.randn(4, 10, dtype=torch.float64, device=device, requires_grad=True)
+    y = _norm(kind, ops, x)
+    torch.autograd.grad(y.sum(), x)
+    assert calls == ["norm_fwd", "norm_bwd"]
+    torch.testing.assert_close(y, _norm(kind, ref, x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
@@ -143,6 +154,53 @@ def test_float64_is_float64_exact(backend, device, kind, shape):
     assert all(s.dtype == torch.float64 for s in stats)
     dw = torch.autograd.grad(y.sum(), w)[0]
     assert dw.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("normalized_shape", [(3, 7), (2, 3, 5), 11], ids=str)
+def test_normalized_shape(backend, device, kind, dtype, normalized_shape):
+    # Several trailing dims, as torch.nn.functional takes them, against torch's function.
+    torch.manual_seed(0)
+    trailing = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    x = (torch.randn(4, *trailing, dtype=dtype, device=device) * 2 + 0.5).requires_grad_()
+    w = torch.randn(trailing, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(trailing, dtype=dtype, device=device, requires_grad=True)
+    r = torch.randn(x.shape, dtype=dtype, device=device, requires_grad=True)
+    if kind == "layer_norm":
+        y, h = ops.layer_norm(x, w, b, 1e-5, r, normalized_shape=normalized_shape)
+        params = (w, b)
+        torch_norm = lambda t, w, b: torch.nn.functional.layer_norm(t, trailing, w, b, 1e-5)  # noqa: E731
+    else:
+        y, h = ops.rms_norm(x, w, 1e-5, r, normalized_shape=normalized_shape)
+        params = (w,)
+        torch_norm = lambda t, w: torch.nn.functional.rms_norm(t, trailing, w, 1e-5)  # noqa: E731
+    exact = [t.detach().double().requires_grad_() for t in (x, r, *params)]
+    he = exact[0] + exact[1]
+    ye = torch_norm(he, *exact[2:])
+    assert y.shape == h.shape == x.shape and y.dtype == dtype
+    assert_close_to_reference(y, ye, dtype, "y")
+    assert_close_to_reference(h, he, dtype, "h")
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y, h), (x, r, *params), (dy, dh))
+    expected = torch.autograd.grad((ye, he), exact, (dy.double(), dh.double()))
+    # The sizes of the rounded terms each gradient sums, as in _check_against_reference.
+    rows = he.detach().flatten(1)
+    centred = rows - rows.mean(-1, keepdim=True) if kind == "layer_norm" else rows
+    rstd = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+    dy_rows = dy.double().abs().flatten(1)
+    wdy = (dy_rows * exact[2].detach().abs().flatten()).max().item()
+    terms = {"x": (rstd * wdy).max().item(), "residual": (rstd * wdy).max().item(),
+             "weight": (dy_rows * rows.abs() * rstd).sum(0).max().item(),
+             "bias": dy_rows.sum(0).max().item()}
+    for name, g, e in zip(("x", "residual", "weight", "bias"), grads, expected):
+        assert_close_to_reference(g, e, dtype, f"d{name}", scale=terms[name])
+
+
+def test_rms_norm_eps_none_is_the_dtypes_epsilon(backend, device):
+    # As torch.nn.functional.rms_norm: eps=None means torch.finfo(x.dtype).eps.
+    x = torch.randn(3, 5, device=device) * 1e-4
+    torch.testing.assert_close(ops.rms_norm(x, eps=None), torch.nn.functional.rms_norm(x, (5,)))
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
@@ -225,6 +283,17 @@ def test_bad_input(kind):
         (dict(x=x, eps=-1e-5), ValueError, "eps must be a positive number"),
         (dict(x=x, eps="1e-5"), ValueError, "eps must be a positive number"),
         (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    ]
+    x3 = torch.randn(4, 2, 8)
+    cases += [
+        (dict(x=x3, normalized_shape=(4, 8)), ValueError,
+         r"x's trailing dimensions must be normalized_shape \(4, 8\), got x of shape \(4, 2, 8\)"),
+        (dict(x=x, normalized_shape=(2, 4, 8)), ValueError,
+         r"x's trailing dimensions must be normalized_shape \(2, 4, 8\)"),
+        (dict(x=x, normalized_shape=()), ValueError, "normalized_shape must be an int or a non-empty"),
+        (dict(x=x, normalized_shape=8.0), ValueError, "normalized_shape must be an int or a non-empty"),
+        (dict(x=x3, weight=torch.ones(8), normalized_shape=(2, 8)), ValueError,
+         r"weight must have shape \(2, 8\), got \(8,\)"),
     ]
     if kind == "layer_norm":
         cases.append((dict(x=x, bias=torch.ones(4)), ValueError, r"bias must have shape \(8,\)"))
