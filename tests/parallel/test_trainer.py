@@ -22,7 +22,7 @@ BAD = [
      "microbatches (2) must be at least the number of pipeline stages (4)"),
     (["--dp", "2"], "dp * tp * pp = 2 * 1 * 1 = 2 processes, but the world size is 4"),
     (["--dp", "4", "--global-batch", "6"], "global batch (6) must be divisible by dp * microbatches = 4 * 1 = 4"),
-    (["--tp", "4", "--vocab", "258"], "vocab (258) must be divisible by the tensor-parallel size (4)"),
+    (["--tp", "4", "--ffn", "258"], "ffn (258) must be divisible by the tensor-parallel size (4)"),
 ]
 
 
