@@ -18,6 +18,7 @@ around each action on a CPU, CUDA events on a GPU (the host runs ahead of the de
 It is reported with the simulator's prediction for stages of equal cost.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from .schedules import (Action, build_schedule, check_schedule, chunk_layers, rank_and_chunk, simulate,
                         virtual_stage)
+from .weight_grad import WeightGradStore
 
 
 def one_f_one_b(stage: int, num_stages: int, num_microbatches: int) -> List[tuple]:
@@ -131,7 +133,10 @@ class PipelineSchedule:
     rank the list of its ``v`` model chunks, chunk ``k`` being virtual stage ``k p + rank``.
     A stage returns a tensor (the last: what ``loss`` takes) or a tuple of tensors of one shape,
     which travel stacked (``activation_shape``) and reach the next stage as a tuple again.
-    ``pp_group`` links the ranks. ``schedule``: ``"1f1b"``, ``"interleaved"``, or every rank's
+    ``pp_group`` links the ranks. ``schedule``: ``"1f1b"``, ``"interleaved"``, ``"zero-bubble"``
+    (its W actions run the weight gradients that layers calling
+    :func:`~hybridpar_ext.parallel.weight_grad.deferrable_linear` deferred; other parameters get
+    theirs in B), or every rank's
     list of :class:`~hybridpar_ext.parallel.schedules.Action` (the same on every rank; checked
     by the simulator, whose :class:`ScheduleError` is a ValueError). Every backward
     but the last of each chunk runs inside ``no_sync`` (gradient accumulation with one
@@ -150,10 +155,8 @@ class PipelineSchedule:
         else:   # every rank's list, given: the same on every rank
             lists = [list(actions) for actions in schedule]
         self.kind = schedule if isinstance(schedule, str) else "custom"
-        if any(a.op in ("B", "W") for actions in lists for a in actions):
-            raise ValueError(f"PipelineSchedule: schedule {self.kind!r} splits the backward into B and W, "
-                             "which needs the weight gradients computed apart from the input gradients; "
-                             "these stages run the full backward only: use '1f1b' or 'interleaved'")
+        # Split backwards (B, then W later): deferrable layers leave their weight gradients here.
+        self.store = WeightGradStore() if any(a.op == "W" for actions in lists for a in actions) else None
         last = self.p * self.v - 1
         for k, chunk in enumerate(chunks):
             s = virtual_stage(self.rank, k, self.p)
@@ -165,9 +168,10 @@ class PipelineSchedule:
         # Checked before it runs: every piece of work once, nothing that can stall.
         self.predicted = simulate(lists, self.p, self.v, num_microbatches)
         self.actions: List[Action] = lists[self.rank]
-        # The last backward of each chunk: it runs with the data-parallel reduction on.
-        self.syncs = {max(j for j, a in enumerate(self.actions) if a.op in ("BW", "W") and a.chunk == k)
-                      for k in range(self.v)}
+        # The last backward of each chunk (the last B and the last W when split): it runs with
+        # the data-parallel reduction on, so a bucket starts once its parameters are done.
+        self.syncs = {max(j for j, a in enumerate(self.actions) if a.op in ops and a.chunk == k)
+                      for k in range(self.v) for ops in ((("BW", "W"), ("B",)) if self.store is not None else (("BW",),))}
         # What each peer sends this rank, in the order it sends it.
         self.incoming = {r: [] for r in range(self.p) if r != self.rank}
         for r, actions in enumerate(lists):
@@ -222,6 +226,12 @@ class PipelineSchedule:
         work.wait()
         return buf
 
+    def _reduction(self, j: int):
+        """Accumulate only, unless action `j` is the last of its chunk's gradient work."""
+        if j in self.syncs or self.no_sync is None:
+            return contextlib.nullcontext()
+        return self.no_sync()
+
     # --------------------------------------------------------------- the step
     def step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> StepStats:
         """One step: `inputs`/`targets` are the m microbatches (only the first stage reads the
@@ -257,7 +267,8 @@ class PipelineSchedule:
                 else:
                     stage_in = received.requires_grad_()
                     stage_inputs[(action.chunk, i)] = stage_in
-                out = chunk(stage_in if s == 0 else tuple(stage_in.unbind(0)))
+                with self.store.recording((action.chunk, i)) if self.store is not None else contextlib.nullcontext():
+                    out = chunk(stage_in if s == 0 else tuple(stage_in.unbind(0)))
                 if s == last:
                     out = chunk.loss(out, targets[i]) / m
                     losses.append(out.detach())
@@ -268,13 +279,14 @@ class PipelineSchedule:
                 if s < last:
                     peer = rank_and_chunk(s + 1, p)[0]
                     ops.append((None, dist.P2POp(dist.isend, out.detach(), self._peer(peer), self.group)))
-            else:   # BW: the full backward
+            elif action.op == "W":   # the weight gradients B left in the store
+                with self._reduction(j):
+                    self.store.run((action.chunk, i))
+                timer.end(begun)
+            else:   # BW, the full backward, or B, the input gradient (and any weight not deferred)
                 out = outputs.pop((action.chunk, i))
-                if j in self.syncs or self.no_sync is None:
+                with self._reduction(j):
                     torch.autograd.backward(out, received)
-                else:
-                    with self.no_sync():
-                        torch.autograd.backward(out, received)
                 timer.end(begun)
                 if s > 0:
                     grad = stage_inputs.pop((action.chunk, i)).grad.contiguous()

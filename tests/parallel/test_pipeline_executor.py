@@ -1,14 +1,17 @@
-"""The pipeline executor on real gloo processes, p = 2 and 4: 1F1B, interleaved 1F1B and orders
-chosen to be awkward (all forwards first; a random order that only respects the dependencies,
-so a rank receives messages in another order than it uses them) all finish, and give the loss
-and gradients of the same chain of layers run in one process. Stages are plain Linear layers,
-in float64, so only the order of the sums differs."""
+"""The pipeline executor on real gloo processes, p = 2 and 4: 1F1B, interleaved 1F1B, ZB-H1 and
+orders chosen to be awkward (all forwards first; random orders that only respect the
+dependencies, so a rank receives messages in another order than it uses them, with the
+backward fused or split) all finish, and give the loss and gradients of the same chain of
+layers run in one process. Stages are Linear layers whose weight gradients the split
+schedules defer, in float64, so only the order of the sums differs. With data parallelism
+beside ZB-H1, every gradient bucket starts during the schedule, as its W work ends."""
 
 import random
 
 import pytest
 import torch
 
+from hybridpar_ext.parallel.weight_grad import DeferrableLinear
 from hybridpar_ext.testing import TOLERANCE, run_ranks
 
 WIDTH, BATCH, SEQ = 5, 3, 2   # awkward on purpose; each microbatch is BATCH x SEQ x WIDTH
@@ -21,7 +24,7 @@ class LinearStage(torch.nn.Module):
     def __init__(self, index: int, count: int):
         super().__init__()
         torch.manual_seed(100 + index)   # the same weights whichever process builds the stage
-        self.linear = torch.nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
+        self.linear = DeferrableLinear(WIDTH, WIDTH, dtype=torch.float64)
         self.is_first, self.is_last = index == 0, index == count - 1
 
     def forward(self, inputs):
@@ -36,28 +39,34 @@ class LinearStage(torch.nn.Module):
         return (1, microbatch, seq, WIDTH)
 
 
-def data(m: int):
-    g = torch.Generator().manual_seed(0)
+def data(m: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(BATCH, SEQ, WIDTH, generator=g, dtype=torch.float64) for _ in range(m)]
     targets = [torch.randn(BATCH, SEQ, WIDTH, generator=g, dtype=torch.float64) for _ in range(m)]
     return inputs, targets
 
 
-def random_order(p: int, v: int, m: int, seed: int):
+def random_order(p: int, v: int, m: int, seed: int, split: bool = False):
     """Each rank's list, taken from one random global order in which every action comes after
-    what it needs: valid, but with forwards and backwards of a chunk out of microbatch order."""
+    what it needs: valid, but with forwards and backwards of a chunk out of microbatch order
+    (and with `split`, each backward as B and a W some time after it)."""
     from hybridpar_ext.parallel.schedules import Action, rank_and_chunk
 
     rng = random.Random(seed)
     last = p * v - 1
+    backward = "B" if split else "BW"
     done, lists = set(), [[] for _ in range(p)]
-    todo = {(op, s, i) for op in ("F", "BW") for s in range(p * v) for i in range(m)}
+    todo = {(op, s, i) for op in ("F", backward) + (("W",) if split else ()) for s in range(p * v) for i in range(m)}
+
+    def ready(op, s, i):
+        if op == "F":
+            return s == 0 or ("F", s - 1, i) in done
+        if op == "W":
+            return ("B", s, i) in done
+        return ("F", s, i) in done and (s == last or (backward, s + 1, i) in done)
+
     while todo:
-        ready = sorted(a for a in todo
-                       if (a[0] == "F" and (a[1] == 0 or ("F", a[1] - 1, a[2]) in done))
-                       or (a[0] == "BW" and ("F", a[1], a[2]) in done
-                           and (a[1] == last or ("BW", a[1] + 1, a[2]) in done)))
-        op, s, i = rng.choice(ready)
+        op, s, i = rng.choice(sorted(a for a in todo if ready(*a)))
         todo.remove((op, s, i))
         done.add((op, s, i))
         rank, chunk = rank_and_chunk(s, p)
@@ -68,10 +77,11 @@ def random_order(p: int, v: int, m: int, seed: int):
 def schedules(p: int):
     """(label, v, m, schedule) of every case a group of p ranks runs."""
     return [("1f1b", 1, p + 1, "1f1b"), ("1f1b m<p", 1, 1, "1f1b"),
-            ("interleaved", 2, 2 * p, "interleaved"),
+            ("interleaved", 2, 2 * p, "interleaved"), ("zero-bubble", 1, p + 1, "zero-bubble"),
             ("gpipe", 2, p, [[a for a in lst if a.op == "F"] + [a for a in lst if a.op == "BW"]
                              for lst in random_order(p, 2, p, 0)]),
-            ("random", 2, 3, random_order(p, 2, 3, p))]
+            ("random", 2, 3, random_order(p, 2, 3, p)),
+            ("random split", 2, 3, random_order(p, 2, 3, p + 1, split=True))]
 
 
 def run_schedules(rank, world):
@@ -124,6 +134,9 @@ def test_every_order_finishes_and_matches_one_process(p):
         if label in ("1f1b", "interleaved"):
             for r in results:
                 assert r[label]["predicted"] == pytest.approx((p - 1) / (v * m + p - 1)), label
+        if label == "zero-bubble":   # F = B = W in the prediction: idle p - 1 of 3 m + p - 1
+            for r in results:
+                assert r[label]["predicted"] == pytest.approx((p - 1) / (3 * m + p - 1)), label
 
 
 def test_bad_schedules_are_refused_before_any_communication():
@@ -142,7 +155,7 @@ def refusals(rank, world):
 
     messages = []
     chunks = [LinearStage(k * world + rank, world * 2) for k in range(2)]
-    for args in ((chunks, 3, "interleaved"), ([chunks[0]], 4, "zero-bubble"), (chunks[::-1], 2, "interleaved")):
+    for args in ((chunks, 3, "interleaved"), (chunks, 4, "zero-bubble"), (chunks[::-1], 2, "interleaved")):
         try:
             PipelineSchedule(args[0], dist.group.WORLD, args[1], schedule=args[2])
         except ValueError as err:
@@ -154,6 +167,43 @@ def test_the_executor_refuses_bad_input_alike_on_every_rank():
     results = run_ranks(refusals, 2, timeout=60)
     first = results[0]
     assert "microbatches (m = 3) must be a multiple of the pipeline stages (p = 2); try m = 2 or 4" in first[0]
-    assert "splits the backward into B and W" in first[1]
+    assert "schedule 'zero-bubble' runs one model chunk per rank: virtual stages (v) must be 1, got 2" in first[1]
     assert "chunk 0 of rank 0 is virtual stage 0 of 4, so is_first must be True" in first[2]
     assert results[1][:2] == first[:2]
+
+
+def zero_bubble_with_data_parallelism(rank, world):
+    from hybridpar_ext.parallel import GradientSync, init_mesh
+    from hybridpar_ext.parallel.pipeline import ModelChunks, PipelineSchedule
+
+    mesh = init_mesh(dp=2, pp=2)
+    m = 3
+    chunks = ModelChunks([LinearStage(mesh.pp_rank, 2)])
+    # A bucket per parameter: each must start as soon as its last gradient work is done.
+    sync = GradientSync(chunks, mesh.dp_group, bucket_cap_mb=1e-6)
+    pipe = PipelineSchedule(chunks, mesh.pp_group, m, no_sync=sync.no_sync, schedule="zero-bubble")
+    inputs, targets = data(m, seed=1 + mesh.dp_rank)
+    pipe.step(inputs, targets)
+    sync.finish()
+    started = [(r.num_buckets, r.started_during_backward) for r in sync.reducers]
+    return {"started": started, "stage": mesh.pp_rank,
+            "grads": [p.grad.tolist() for p in chunks.parameters()]}
+
+
+def test_zero_bubble_starts_each_gradient_bucket_when_its_w_work_is_done():
+    results = run_ranks(zero_bubble_with_data_parallelism, 4, timeout=60)
+    # One process: both DP ranks' batches, the mean of their losses.
+    stages = [LinearStage(i, 2) for i in range(2)]
+    loss = 0.0
+    for seed in (1, 2):
+        inputs, targets = data(3, seed)
+        x = torch.cat(inputs)
+        x = stages[1]((stages[0](x)[0],))
+        loss = loss + stages[1].loss(x, torch.cat(targets)) / 2
+    loss.backward()
+    tol = TOLERANCE[torch.float64]
+    for r in results:
+        assert r["started"] and all(n == s and n >= 2 for n, s in r["started"]), r["started"]
+        for got, want in zip(r["grads"], stages[r["stage"]].parameters()):
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want.grad, rtol=tol,
+                                       atol=tol * want.grad.abs().max().item())

@@ -1,0 +1,108 @@
+"""Zero-bubble's split backward: a store of deferred weight-gradient work, and a linear layer
+that fills it.
+
+A forward run inside :meth:`WeightGradStore.recording` builds :func:`deferrable_linear` without
+an autograd edge to its weight and bias: its backward returns only the input gradient and
+leaves in the store, under the recording's key, a closure that computes the weight (and bias)
+gradient from the input and output gradient it keeps; :meth:`WeightGradStore.run` runs them
+later (the pipeline's ``W`` action). Without the edge, nothing touches the parameters during
+the input backward; with one and a gradient of None, autograd would still call the
+parameter's post-accumulate hooks and a data-parallel reducer would take the parameter for
+done. The closures hand their gradients to autograd
+(``torch.autograd.backward`` on the parameters), so they accumulate into ``param.grad`` the
+usual way and fire its post-accumulate hooks: a data-parallel bucket reducer starts a bucket
+as soon as the W work of its parameters is done, as it would after a fused backward. Outside
+``deferring`` the layer is an ordinary linear. This is the approach of Megatron's zero-bubble
+branch and DualPipe (the layer defers its own work), not torch's ``stage_backward_weight``,
+which rebuilds the weight gradient from the autograd graph, skipping gradient hooks and
+custom autograd functions.
+
+Only layers that call :func:`deferrable_linear` defer; any other parameter gets its gradient
+during the input backward, as before, so a stage with nothing deferrable runs a split
+schedule correctly with W doing nothing.
+"""
+
+import contextlib
+from typing import Callable, Dict, Hashable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+_active: Optional["WeightGradStore"] = None
+_active_key: Hashable = None
+# An input that always requires grad, so that a deferred layer whose input does not (the first
+# stage's) stays in the graph and its backward runs (its gradient is always None).
+_ANCHOR = torch.empty(0, requires_grad=True)
+
+
+class WeightGradStore:
+    """Deferred weight-gradient work, by key (the pipeline uses (chunk, microbatch))."""
+
+    def __init__(self):
+        self.pending: Dict[Hashable, List[Callable[[], None]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self, key: Hashable):
+        """Deferrable layers run inside (a forward) leave their weight gradients, when their
+        backward comes, under `key`."""
+        global _active, _active_key
+        if _active is not None:
+            raise RuntimeError("WeightGradStore.recording: already recording")
+        _active, _active_key = self, key
+        try:
+            yield
+        finally:
+            _active, _active_key = None, None
+
+    def run(self, key: Hashable) -> None:
+        """Compute and accumulate the weight gradients deferred under `key` (nothing if none)."""
+        for work in self.pending.pop(key, []):
+            work()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.pending.values())
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """``F.linear`` on detached weight and bias; the backward defers their gradients to the store."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, store, key, params):
+        ctx.save_for_backward(x, weight)
+        ctx.store, ctx.key, ctx.params = store, key, params
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        params = ctx.params
+
+        def work():
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grads = [g.t() @ x.reshape(-1, x.shape[-1])] + ([g.sum(0)] if len(params) > 1 else [])
+            # Through autograd, so the gradients accumulate and the hooks fire as usual.
+            torch.autograd.backward(params, grads)
+
+        ctx.store.pending.setdefault(ctx.key, []).append(work)
+        return grad_x, None, None, None, None, None, None
+
+
+def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; inside :meth:`WeightGradStore.recording`, with the gradients
+    of `weight` and `bias` (leaf tensors: parameters) deferred to the store."""
+    if _active is None or not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return F.linear(x, weight, bias)
+    if weight.grad_fn is not None or (bias is not None and bias.grad_fn is not None):
+        raise ValueError("deferrable_linear: weight and bias must be leaf tensors (parameters)")
+    params = [weight] + ([bias] if bias is not None else [])
+    return _DeferredLinear.apply(x, weight.detach(), None if bias is None else bias.detach(), _ANCHOR, _active,
+                                 _active_key, params)
+
+
+class DeferrableLinear(torch.nn.Linear):
+    """``torch.nn.Linear`` (same arguments, parameters and state_dict) whose weight gradient the
+    pipeline's zero-bubble schedule defers to its W actions."""
+
+    def forward(self, x):
+        return deferrable_linear(x, self.weight, self.bias)
