@@ -36,8 +36,9 @@ def add_train_arguments(p) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--data", default=str(DEFAULT_TEXT),
                      help="a text file read as bytes, or 'synthetic' (uniform random tokens)")
-    run.add_argument("--dtype", choices=("float32", "bfloat16"),
-                     help="parameters and activations; default float32 on CPU, bfloat16 on GPU")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float64"),
+                     help="parameters and activations; default float32 on CPU, bfloat16 on GPU; "
+                          "float64 (CPU) to compare layouts exactly")
     run.add_argument("--metrics-file", help="append one JSON object per step (rank 0)")
     run.add_argument("--timeout", type=float, default=300.0,
                      help="seconds a collective may wait before the job fails")

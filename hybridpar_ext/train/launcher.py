@@ -1,12 +1,14 @@
-"""``python -m hybridpar_ext train`` started plainly: launch torchrun with one process per rank;
-under torchrun: train (:func:`~hybridpar_ext.train.loop.run_rank`)."""
+"""``python -m hybridpar_ext train`` started plainly: check the configuration, then launch
+torchrun with one process per rank; under torchrun: train (:func:`~hybridpar_ext.train.loop.run_rank`)."""
 
+import copy
 import os
 import subprocess
 import sys
 
 import torch
 
+from .layout import check_args
 from .loop import run_rank
 
 
@@ -19,6 +21,10 @@ def launch(args, argv) -> int:
         if world % args.nnodes:
             raise ValueError(f"dp * tp * pp = {world} processes do not divide over --nnodes {args.nnodes}")
         args.nproc_per_node = world // args.nnodes
+    # The ranks check again (for runs launched by hand with torchrun); checking here first
+    # gives one message and no torchrun traceback. On a copy: --plan fills in the layout,
+    # and the ranks must plan from the same flags.
+    check_args(copy.deepcopy(args), args.nproc_per_node * args.nnodes)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node)]
     if args.nnodes > 1 or args.rdzv_endpoint:
         cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
@@ -37,6 +43,6 @@ def main(args, argv) -> int:
         return run_rank(args)
     try:
         return launch(args, argv)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

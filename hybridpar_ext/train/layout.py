@@ -69,6 +69,10 @@ def check_args(args, world: int):
         args.sp = False   # nothing to split over
     check_parallel_config(config, args.dp, args.tp, args.pp, args.sp, args.seq, args.microbatches,
                           args.global_batch)
+    if args.zero and args.dtype == "float64":
+        # ZeroAdamW keeps float32 master weights and moments: float64 would be rounded to them.
+        raise ValueError("--zero keeps float32 master weights, which would round a --dtype float64 run; "
+                         "drop --zero or train in float32")
     for name in ("steps", "global_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

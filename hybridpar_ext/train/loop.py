@@ -56,7 +56,7 @@ def _train(args, config, device, rank, world) -> int:
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if gpu_peak:
                 record["mfu"] = record["tokens_per_s"] * flops / (gpu_peak * world)
-            record.update(layout=f"dp{args.dp} tp{args.tp} pp{args.pp}", sp=args.sp,
+            record.update(layout=f"dp{args.dp} tp{args.tp} pp{args.pp}", sp=args.sp, dtype=args.dtype,
                           microbatches=args.microbatches, zero=args.zero, overlap=not args.no_overlap)
             records.append(record)
             log(record)

@@ -1,6 +1,7 @@
 """The Trainer: this rank's part of a run (its stage of the GPT, gradient sync, optimizer and
 pipeline schedule), one optimizer step at a time."""
 
+import os
 import time
 
 import torch
@@ -29,6 +30,7 @@ class Trainer:
         self.stage = parallelize(full, self.mesh, sequence_parallel=args.sp, overlap=not args.no_overlap,
                                  device=device, dtype=dtype)
         del full
+        _perturb_gradient_for_tests(self.stage)
         self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap)
         if args.zero:
             self.optimizer = ZeroAdamW(self.sync, lr=args.lr, weight_decay=args.weight_decay)
@@ -83,3 +85,20 @@ class Trainer:
         return {"loss": report[0].item() / self.mesh.dp, "step_time_s": elapsed,
                 "tokens_per_s": tokens / elapsed, "bubble": report[1].item() / dist.get_world_size(),
                 "lr": lr, "grad_norm": norm.item()}
+
+
+# For the tests of the float64 verdict only (not a flag): "NAME:FACTOR" multiplies this rank's
+# contribution to parameter NAME's gradient by FACTOR on global rank 0, before any reduction --
+# the smallest kind of bug (one term of one sum slightly off) the verdict must catch.
+PERTURB_ENV = "HYBRIDPAR_TEST_SCALE_GRAD"
+
+
+def _perturb_gradient_for_tests(stage):
+    spec = os.environ.get(PERTURB_ENV)
+    if not spec or dist.get_rank() != 0:
+        return
+    name, _, factor = spec.rpartition(":")
+    params = dict(stage.named_parameters())
+    if name not in params:
+        raise ValueError(f"{PERTURB_ENV}: rank 0 holds no parameter {name!r} (it holds {sorted(params)})")
+    params[name].register_hook(lambda grad: grad * float(factor))

@@ -58,8 +58,27 @@ def _cli(args, timeout, tmp_path):
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_cli_stops_every_rank_on_a_world_size_mismatch(tmp_path):
-    out = _cli(["--nproc-per-node", "2", "--dp", "2", "--tp", "2", "--steps", "1"], 120, tmp_path)
+@pytest.mark.parametrize("flags,message", [
+    (["--tp", "2", "--hidden", "96", "--heads", "3"], "heads (3) must be divisible by the tensor-parallel size (2)"),
+    (["--nproc-per-node", "2", "--dp", "2", "--tp", "2"],
+     "dp * tp * pp = 2 * 2 * 1 = 4 processes, but the world size is 2"),
+    (["--dp", "2", "--data", "no-such-file.txt"], "--data: no such file 'no-such-file.txt'"),
+], ids=["heads", "world", "data"])
+def test_launcher_refuses_a_bad_configuration_before_torchrun(tmp_path, flags, message):
+    """One message and exit status 2 from the launching process: no copy per rank, no torchrun."""
+    out = _cli(flags + ["--steps", "1"], 120, tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr[-3000:]
+    assert "ChildFailedError" not in out.stdout + out.stderr and "[rank" not in out.stdout + out.stderr
+
+
+def test_ranks_launched_by_hand_check_the_configuration_too(tmp_path):
+    """Under a torchrun started by hand, every rank refuses with the same message."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "hybridpar_ext", "train", "--dp", "2", "--tp", "2", "--steps", "1"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=_launcher([])[1])
     assert out.returncode != 0
     for rank in (0, 1):
         assert (f"[rank {rank}] error: dp * tp * pp = 2 * 2 * 1 = 4 processes, but the world size is 2"
@@ -209,7 +228,8 @@ def test_launcher_passes_torchrun_its_flags(monkeypatch):
     assert cmd[cmd.index("-m", i) + 1:] == ["hybridpar_ext", *argv]
     assert env["OMP_NUM_THREADS"] == "1"
     calls.clear()
-    assert train.main(train.parse_args(["--dp", "3"]), ["train", "--dp", "3"]) == 0
+    argv = ["train", "--dp", "3", "--global-batch", "6"]
+    assert train.main(train.parse_args(argv[1:]), argv) == 0
     assert "--standalone" in calls[0][0] and calls[0][0][calls[0][0].index("--nproc-per-node") + 1] == "3"
 
 
