@@ -1,5 +1,5 @@
 # make test   - set up .venv (CPU torch, triton, test tools), build, install, run the tests
-# make demo   - the main job: a GPT trained with dp2 x tp2 x pp2 on 8 processes, the same on one, verdict
+# make demo   - the main job: a GPT trained with dp2 x tp2 x pp2 on 8 processes, the same on one (float64), verdict
 # make bench  - the whole benchmark suite
 # make cuda-build - build the CUDA extension in .venv-cuda (CUDA torch) and test it on the CPU
 # make gpu-check  - on a GPU machine: install into its python, GPU tests, benchmarks
@@ -34,19 +34,21 @@ test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # A small GPT on the bundled text: dp2 x tp2 (sequence parallel) x pp2 on 8 CPU processes, then
-# the same model and batches on one process, twice (4 and 1 microbatches: how far rounding alone
-# drifts), and the verdict on the losses.
+# the same model and batches on one process, both in float64, and the verdict on the losses.
+# In float64 the summation order alone moves them by about 1e-12 over 30 steps and a real error
+# by orders more, so the verdict's tolerance is derived from float64's rounding
+# (hybridpar_ext/train/compare.py), not sampled from a re-run.
 DEMO_DIR = build/demo
-DEMO_FLAGS = --layers 4 --hidden 128 --heads 4 --kv-heads 2 --seq 64 --global-batch 16 --steps 30 --lr 1e-3
+DEMO_FLAGS = --layers 4 --hidden 128 --heads 4 --kv-heads 2 --seq 64 --global-batch 16 --steps 30 --lr 1e-3 \
+	--dtype float64
 DEMO_PY = $(abspath $(VENV))/bin/python -m hybridpar_ext
 
 demo: install
 	$(VENV)/bin/python -m hybridpar_ext info
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	cd $(DEMO_DIR) && $(DEMO_PY) train --dp 2 --tp 2 --pp 2 --sp --microbatches 4 $(DEMO_FLAGS) --metrics-file hybrid.jsonl
-	cd $(DEMO_DIR) && $(DEMO_PY) train --microbatches 4 $(DEMO_FLAGS) --quiet --metrics-file one.jsonl
-	cd $(DEMO_DIR) && $(DEMO_PY) train --microbatches 1 $(DEMO_FLAGS) --quiet --metrics-file one-mb1.jsonl
-	cd $(DEMO_DIR) && $(DEMO_PY) compare-runs hybrid.jsonl one.jsonl --noise one-mb1.jsonl
+	cd $(DEMO_DIR) && $(DEMO_PY) train $(DEMO_FLAGS) --quiet --metrics-file one.jsonl
+	cd $(DEMO_DIR) && $(DEMO_PY) compare-runs hybrid.jsonl one.jsonl
 
 bench: install
 	$(VENV)/bin/python -m bench all
