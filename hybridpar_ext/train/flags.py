@@ -58,6 +58,9 @@ def add_train_arguments(p) -> None:
     real.add_argument("--eval-data", help="a held-out token file (default: the last --eval-fraction of --data)")
     real.add_argument("--eval-fraction", type=float, default=0.1,
                       help="the tail of --data held out for evaluation when there is no --eval-data")
+    real.add_argument("--recompute", choices=("none", "selective", "full"),
+                      help="recompute activations in backward: whole layers (full) or the elementwise work "
+                           "between the matmuls and attention (selective); default none (or chosen by --plan)")
     launch = p.add_argument_group("launch (passed on to torchrun)")
     launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
     launch.add_argument("--nnodes", type=int, default=1)

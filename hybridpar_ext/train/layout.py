@@ -21,7 +21,7 @@ def model_config(args):
 def choose_layout(args, config, world: int) -> None:
     """Fill dp, tp, pp, sp and microbatches: from the flags, or from the planner (--plan)."""
     if args.plan:
-        given = [f"--{k}" for k in ("dp", "tp", "pp", "microbatches") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("dp", "tp", "pp", "microbatches", "recompute") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"--plan chooses the layout; drop {', '.join(given)}")
         from ..hardware import gpu_spec
@@ -38,8 +38,8 @@ def choose_layout(args, config, world: int) -> None:
             raise ValueError(f"--plan: {err}") from err
         for pred in result.best:
             lay = pred.layout
-            if lay.recompute != "none" or lay.virtual_stages > 1:
-                continue   # this trainer neither recomputes activations nor interleaves stages
+            if lay.virtual_stages > 1:
+                continue   # this trainer does not interleave stages
             try:
                 check_parallel_config(config, lay.dp, lay.tp, lay.pp, lay.sequence_parallel, args.seq,
                                       lay.microbatches, args.global_batch)
@@ -47,6 +47,7 @@ def choose_layout(args, config, world: int) -> None:
                 continue
             args.dp, args.tp, args.pp = lay.dp, lay.tp, lay.pp
             args.sp, args.microbatches, args.zero = lay.sequence_parallel, lay.microbatches, lay.zero1
+            args.recompute = lay.recompute
             args.plan_choice = f"{lay.describe()} (planner's model of {world} x {cluster.gpu.name})"
             return
         raise ValueError(f"--plan: none of the planner's {len(result.best)} layouts for {world} processes "
@@ -54,6 +55,8 @@ def choose_layout(args, config, world: int) -> None:
     args.dp, args.tp, args.pp = args.dp or 1, args.tp or 1, args.pp or 1
     if args.microbatches is None:
         args.microbatches = args.pp
+    if args.recompute is None:
+        args.recompute = "none"
 
 
 def check_args(args, world: int):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from .data import Batches
 from .evaluate import pipeline_eval_loss
 from .lr_schedule import LRSchedule
+from .recompute import apply_recompute
 from .token_data import is_token_file, train_and_eval_batches
 
 
@@ -30,6 +31,7 @@ class Trainer:
         self.stage = parallelize(full, self.mesh, sequence_parallel=args.sp, overlap=not args.no_overlap,
                                  device=device, dtype=dtype)
         del full
+        apply_recompute(self.stage, args.recompute)
         _perturb_gradient_for_tests(self.stage)
         self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap)
         if args.zero:
