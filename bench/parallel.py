@@ -1,6 +1,8 @@
 """The GPT trainer per layout: step time and tokens/s, what the overlap of communication buys
 (tensor parallelism with and without sequence parallelism, data parallelism), and the
-pipeline bubble measured against the ideal ``(p - 1) / (m + p - 1)``.
+pipeline bubble measured against the ideal ``(p - 1) / (m + p - 1)``; and the pipeline
+schedules (1F1B, interleaved 1F1B, ZB-H1) at p = 2 and 4 on gloo, their measured bubble
+against the simulator's and the published formulas.
 
 Each configuration is one run of ``python -m hybridpar_ext train`` (its own torchrun, gloo on
 a CPU, NCCL on GPUs), timed by the trainer itself: the median step after two warm-up steps.
@@ -15,6 +17,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import time
 
 import torch
 
@@ -50,6 +54,110 @@ def _layout(dp=1, tp=1, pp=1, sp=False, microbatches=None, overlap=True, zero=Fa
     name = f"dp{dp} tp{tp} pp{pp}" + (" sp" if sp else "") + (f" m{microbatches}" if microbatches else "") \
         + (" zero1" if zero else "")
     return name, dp * tp * pp, flags, pp, microbatches or pp
+
+
+# ------------------------------------------------------------------ pipeline schedules
+# Stages of equal cost whatever the machine: each virtual stage's forward, input backward and
+# weight backward hold its process for a fixed time (a sleep; a chunk of v per rank 1/v of it),
+# so that p processes on a few shared cores still measure the schedule and the executor (its
+# point-to-point and bookkeeping), not the contention for the cores.
+STAGE_MS = 12.0
+SCHEDULE_MICROBATCHES = 8
+
+
+class _FixedCost(torch.autograd.Function):
+    """Identity holding the process `f` s in forward, `b` s in backward and `w` s in the weight
+    backward (deferred to the W action when the pipeline records one)."""
+
+    @staticmethod
+    def forward(ctx, x, f, b, w, target):
+        time.sleep(f)
+        ctx.b, ctx.w, ctx.target = b, w, target
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.b)
+        if ctx.target is not None:
+            store, key = ctx.target
+            store.add(key, lambda: time.sleep(ctx.w))
+        else:
+            time.sleep(ctx.w)
+        return grad, None, None, None, None
+
+
+class _SleepStage(torch.nn.Module):
+    """Virtual stage `index` of `count`: a small deferrable linear (so the graph has a weight
+    gradient to defer) and the fixed cost."""
+
+    def __init__(self, index, count, cost_s):
+        super().__init__()
+        from hybridpar_ext.parallel.weight_grad import DeferrableLinear
+
+        self.linear = DeferrableLinear(8, 8)
+        self.cost_s = cost_s
+        self.is_first, self.is_last = index == 0, index == count - 1
+
+    def forward(self, inputs):
+        from hybridpar_ext.parallel.weight_grad import recording
+
+        x = self.linear(inputs if self.is_first else inputs[0])
+        y = _FixedCost.apply(x, self.cost_s, self.cost_s, self.cost_s, recording())
+        return y if self.is_last else (y,)
+
+    def loss(self, out, target):
+        return ((out - target) ** 2).mean()
+
+    def activation_shape(self, microbatch, seq):
+        return (1, microbatch, seq, 8)
+
+
+def _schedule_bubbles(rank, world, steps):
+    """On each rank: the median measured bubble of each schedule, and the simulator's."""
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel.pipeline import PipelineSchedule, build_chunks
+
+    m = SCHEDULE_MICROBATCHES
+    out = {}
+    for kind, v in (("1f1b", 1), ("interleaved", 2), ("zero-bubble", 1)):
+        cost = STAGE_MS / 1e3 / v
+        chunks = build_chunks(lambda ids, first, last: _SleepStage(ids[0], world * v, cost), world * v, world, v,
+                              rank)
+        pipe = PipelineSchedule(chunks, dist.group.WORLD, m, schedule=kind)
+        x, y = [torch.randn(2, 4, 8) for _ in range(m)], [torch.randn(2, 4, 8) for _ in range(m)]
+        bubbles = []
+        for _ in range(steps + 1):   # the first step warms up
+            dist.barrier()
+            bubbles.append(pipe.step(x, y).bubble)
+        out[kind] = {"measured": statistics.median(bubbles[1:]), "predicted": pipe.predicted.bubbles[rank],
+                     "v": v}
+    return out
+
+
+def schedule_rows(steps: int):
+    """Measured bubble (mean over ranks) of 1F1B, interleaved 1F1B (v = 2) and ZB-H1 at p = 2
+    and 4, m = 8, F = B = W per stage, against the simulator and the formula."""
+    from hybridpar_ext.parallel.schedules import formula_bubble
+    from hybridpar_ext.testing import run_ranks
+
+    rows = []
+    for p in (2, 4):
+        try:
+            per_rank = run_ranks(_schedule_bubbles, p, timeout=300, steps=steps)
+        except AssertionError as err:
+            print(f"bench parallel: schedules at p={p} failed:\n{str(err)[-2000:]}", file=sys.stderr)
+            continue
+        for kind, first in per_rank[0].items():
+            v = first["v"]
+            measured = statistics.mean(r[kind]["measured"] for r in per_rank)
+            rows.append({"section": "schedules", "layout": f"pp{p}" + (f" v{v}" if v > 1 else ""),
+                         "schedule": kind, "processes": p, "microbatches": SCHEDULE_MICROBATCHES,
+                         "bubble": measured,
+                         "simulated_bubble": statistics.mean(r[kind]["predicted"] for r in per_rank),
+                         "formula_bubble": formula_bubble(kind, p, v, SCHEDULE_MICROBATCHES),
+                         "note": f"F = B = W = {STAGE_MS:g} ms per stage (fixed), gloo"})
+    return rows
 
 
 def run(quick: bool = False):
@@ -92,4 +200,5 @@ def run(quick: bool = False):
 
     for m in ((2,) if quick else (2, 4, 8)):
         measure("bubble", _layout(pp=2, microbatches=m))
+    rows += schedule_rows(steps=2 if quick else 5)
     return rows

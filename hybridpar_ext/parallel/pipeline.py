@@ -13,9 +13,10 @@ before the first step. Messages between two ranks are matched in the order they 
 (NCCL ignores tags): every rank knows every rank's list, so each posts its receives from a
 peer in the order that peer sends.
 
-The measured bubble of a step is the fraction of it this rank did not compute: wall time
-around each action on a CPU, CUDA events on a GPU (the host runs ahead of the device there).
-It is reported with the simulator's prediction for stages of equal cost.
+The measured bubble of a step is the fraction of it this rank did not compute, the step
+ending for every rank when the last one is done (one one-element all-reduce over the pipeline
+marks it): wall time around each action on a CPU, CUDA events on a GPU (the host runs ahead of
+the device there). It is reported with the simulator's prediction for stages of equal cost.
 """
 
 import contextlib
@@ -296,6 +297,10 @@ class PipelineSchedule:
         for work, _ in self.sends:
             work.wait()
         self.sends = []
+        if p > 1:
+            # The step ends when the pipeline has drained, for every rank: a rank done early
+            # idles until then (this is the bubble the formulas and the simulator count).
+            dist.all_reduce(torch.zeros(1, device=like.device), group=self.group)
         busy, wall = timer.finish()
         loss = torch.stack(losses).sum().item() if losses else 0.0
         return StepStats(loss, busy, wall, self.predicted.bubbles[self.rank])

@@ -23,7 +23,7 @@ schedule correctly with W doing nothing.
 """
 
 import contextlib
-from typing import Callable, Dict, Hashable, List, Optional
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ class WeightGradStore:
         finally:
             _active, _active_key = None, None
 
+    def add(self, key: Hashable, work: Callable[[], None]) -> None:
+        """Defer `work` (a closure that accumulates weight gradients) under `key`."""
+        self.pending.setdefault(key, []).append(work)
+
     def run(self, key: Hashable) -> None:
         """Compute and accumulate the weight gradients deferred under `key` (nothing if none)."""
         for work in self.pending.pop(key, []):
@@ -61,6 +65,13 @@ class WeightGradStore:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.pending.values())
+
+
+def recording() -> Optional[Tuple["WeightGradStore", Hashable]]:
+    """The store and key a forward is recording into, or None: what a deferrable op of one's
+    own reads in its forward, to :meth:`WeightGradStore.add` its weight-gradient work there
+    in its backward."""
+    return (_active, _active_key) if _active is not None else None
 
 
 class _DeferredLinear(torch.autograd.Function):
@@ -84,7 +95,7 @@ class _DeferredLinear(torch.autograd.Function):
             # Through autograd, so the gradients accumulate and the hooks fire as usual.
             torch.autograd.backward(params, grads)
 
-        ctx.store.pending.setdefault(ctx.key, []).append(work)
+        ctx.store.add(ctx.key, work)
         return grad_x, None, None, None, None, None, None
 
 
