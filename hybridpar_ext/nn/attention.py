@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .rotary import apply_rotary, packed_positions, rotary_cos_sin
 
 
@@ -99,8 +100,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return "attention dropout while training"
         if query.dim() != 3:
             return "unbatched input"
-        if self.head_dim < 16 or self.head_dim > 256:
-            return f"head_dim {self.head_dim} outside [16, 256]"
+        if not MIN_HEAD_DIM <= self.head_dim <= MAX_HEAD_DIM:
+            return f"head_dim {self.head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
         seq_dim = 1 if self.batch_first else 0
         causal = is_causal or attn_mask is not None
         if causal and query.shape[seq_dim] != key.shape[seq_dim]:

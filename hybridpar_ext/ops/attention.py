@@ -16,7 +16,8 @@ from . import _backend, _checks
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # the kernels'
 # float64 is accepted too and always runs the reference (exact float64 checks on a CPU).
 _ACCEPTED_DTYPES = ATTENTION_DTYPES + (torch.float64,)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+# Any head_dim up to 256: the kernels pad it to a block of at least 16 and mask the rest.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 
 def _unit_stride(t: Tensor) -> Tensor:
