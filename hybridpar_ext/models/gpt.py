@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import nn as hnn
+from . import flops
 
 NORMS, MLPS = hnn.transformer.NORMS, hnn.transformer.ACTIVATIONS
 
@@ -59,12 +60,12 @@ class GPTConfig:
 
     def num_parameters(self) -> int:
         """Parameters of the model this config builds (tied embeddings counted once)."""
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        norm = h if self.norm == "rmsnorm" else 2 * h
-        mlp = (3 if self.mlp == "swiglu" else 2) * h * self.ffn
-        layer = h * (h + 2 * kv) + h * h + mlp + 2 * norm
-        embed = self.vocab_size * h * (1 if self.tied_embeddings else 2)
-        return self.layers * layer + embed + norm
+        return flops.gpt_num_parameters(self)
+
+    def flops_per_token(self, seq: int) -> float:
+        """Model FLOPs of one training step per token on `seq`-token sequences (the convention
+        of :mod:`hybridpar_ext.models.flops`)."""
+        return flops.gpt_flops_per_token(self, seq)
 
 
 def make_layer(config: GPTConfig, **factory) -> hnn.TransformerLayer:

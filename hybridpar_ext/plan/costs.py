@@ -1,11 +1,12 @@
 """Memory and time of one training step of a GPT under a layout: the formulas.
 
-FLOPs follow Narayanan et al. 2021 (the Megatron-LM paper), generalised to GQA and gated
-MLPs: per token and layer the forward costs ``2 * (h*(h + 2*kv) + h*h + mats*h*ffn)`` in the
-GEMMs plus ``4*s*h`` in attention (QK^T and AV, counted in full as the paper does), the
+Parameter counts and FLOPs come from :mod:`hybridpar_ext.models.flops`, their one home (the
+trainer's MFU uses the same): Narayanan et al. 2021 (the Megatron-LM paper), generalised to GQA
+and gated MLPs: per token and layer the forward costs ``2 * (h*(h + 2*kv) + h*h + mats*h*ffn)``
+in the GEMMs plus ``4*s*h`` in attention (QK^T and AV, counted in full as the paper does), the
 logits ``2*h*V``; a training step costs three forward passes' worth (forward, backward) and
-full recomputation adds one more of the layers. For GPT-3-like shapes this is the paper's
-``96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h))``.
+full recomputation adds one more of the layers (hardware FLOPs, not model FLOPs). For
+GPT-3-like shapes this is the paper's ``96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h))``.
 
 Activation memory follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models"): per layer, in elements of the activation dtype, the attention
@@ -19,6 +20,7 @@ achieves. Full recomputation keeps only each layer's input.
 
 from dataclasses import dataclass
 
+from ..models import flops
 from .calibration import Calibration
 from .specs import ClusterSpec, ModelSpec, Precision
 
@@ -53,17 +55,15 @@ class Layout:
 # ----------------------------------------------------------------------------- params
 
 def norm_params(m: ModelSpec) -> int:
-    return m.hidden * (2 if m.norm == "layernorm" else 1)
+    return flops.norm_params(m.hidden, m.norm)
 
 
 def layer_params(m: ModelSpec) -> int:
-    h = m.hidden
-    return h * (h + 2 * m.kv_dim) + h * h + m.mlp_matrices * h * m.ffn + 2 * norm_params(m)
+    return flops.layer_params(m.hidden, m.kv_dim, m.ffn, m.mlp, m.norm)
 
 
 def total_params(m: ModelSpec) -> int:
-    embeddings = m.vocab * m.hidden * (1 if m.tied_embeddings else 2)
-    return m.layers * layer_params(m) + embeddings + norm_params(m)
+    return flops.total_params(m.layers, m.hidden, m.kv_dim, m.ffn, m.vocab, m.mlp, m.norm, m.tied_embeddings)
 
 
 def stage_params(m: ModelSpec, layout: Layout, stage: int) -> float:
@@ -92,15 +92,13 @@ def stage_layers(m: ModelSpec, layout: Layout) -> int:
 # ------------------------------------------------------------------------------ FLOPs
 
 def layer_forward_flops_per_token(m: ModelSpec) -> float:
-    h = m.hidden
-    gemms = 2 * (h * (h + 2 * m.kv_dim) + h * h + m.mlp_matrices * h * m.ffn)
-    return gemms + 4 * m.seq * h
+    return flops.layer_forward_flops_per_token(m.hidden, m.kv_dim, m.ffn, m.mlp, m.seq)
 
 
 def recompute_flops_per_token(m: ModelSpec, recompute: str) -> float:
     """What recomputation adds per token and layer: the attention core (selective) or the
     whole forward (full)."""
-    return {"none": 0.0, "selective": 4 * m.seq * m.hidden,
+    return {"none": 0.0, "selective": flops.attention_forward_flops_per_token(m.hidden, m.seq),
             "full": layer_forward_flops_per_token(m)}[recompute]
 
 
@@ -108,9 +106,7 @@ def step_flops(m: ModelSpec, global_batch: int, recompute: str = "none"):
     """(model FLOPs, hardware FLOPs) of one step over ``global_batch`` sequences; hardware
     FLOPs include recomputation, model FLOPs do not (the MFU convention)."""
     tokens = global_batch * m.seq
-    layer = layer_forward_flops_per_token(m)
-    logits = 2 * m.hidden * m.vocab
-    model = 3 * tokens * (m.layers * layer + logits)
+    model = tokens * flops.training_flops_per_token(m.layers, m.hidden, m.kv_dim, m.ffn, m.vocab, m.mlp, m.seq)
     return model, model + tokens * m.layers * recompute_flops_per_token(m, recompute)
 
 
@@ -209,7 +205,7 @@ def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Pre
     tokens_mb = b * m.seq
     layer = 3 * layer_forward_flops_per_token(m) + recompute_flops_per_token(m, layout.recompute)
     layer_flops = tokens_mb * layer * stage_layers(m, layout)
-    logits_flops = tokens_mb * 3 * 2 * m.hidden * m.vocab
+    logits_flops = tokens_mb * 3 * flops.logits_forward_flops_per_token(m.hidden, m.vocab)
     rate = gpu.bf16_tflops * 1e12 * calib.gemm_efficiency(m.hidden, t)
     # The last stage also computes the logits; the slowest stage paces the pipeline.
     stage_compute = (layer_flops + logits_flops) / t / rate

@@ -13,7 +13,6 @@ its losses are those of one process.
 - ``flags``: the command-line flags;
 - ``layout``: the model config, the layout (flags or ``--plan``) and the checks of both;
 - ``data``: the batches, a pure function of (seed, step);
-- ``flops``: training FLOPs per token (for MFU);
 - ``trainer``: :class:`Trainer`, one rank's stage, gradient sync, optimizer and schedule;
 - ``log``: the header, per-step lines and metrics records, the summary;
 - ``loop``: one torchrun process from flags to the last step;
@@ -24,11 +23,10 @@ its losses are those of one process.
 from .compare import compare_runs
 from .data import DEFAULT_TEXT, Batches
 from .flags import add_train_arguments, parse_args
-from .flops import flops_per_token
 from .launcher import launch, main
 from .layout import check_args, choose_layout, model_config
 from .loop import run_rank
 from .trainer import Trainer
 
 __all__ = ["DEFAULT_TEXT", "Batches", "Trainer", "add_train_arguments", "check_args", "choose_layout",
-           "compare_runs", "flops_per_token", "launch", "main", "model_config", "parse_args", "run_rank"]
+           "compare_runs", "launch", "main", "model_config", "parse_args", "run_rank"]

@@ -7,7 +7,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .flops import flops_per_token
 from .layout import check_args
 from .log import StepLog, header, summary
 from .trainer import Trainer
@@ -41,7 +40,7 @@ def _train(args, config, device, rank, world) -> int:
     trainer = Trainer(args, config, device)
     spec = gpu_spec(torch.cuda.get_device_name()) if device.type == "cuda" else None
     gpu_peak = spec.bf16_tflops * 1e12 if spec else None
-    flops = flops_per_token(config, args.seq)
+    flops = config.flops_per_token(args.seq)   # model FLOPs: hybridpar_ext.models.flops
     if rank == 0:
         print(header(args, config, world, device, dist.get_backend()), flush=True)
     log = StepLog(args, active=rank == 0)

@@ -244,13 +244,3 @@ def test_cli_trains_on_a_gpu_with_nccl(tmp_path):
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["memory_gib"] > 0 and 0 < r["mfu"] < 1 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-
-
-def test_flops_per_token_by_hand():
-    from hybridpar_ext.models import GPTConfig
-    from hybridpar_ext.train import flops_per_token
-
-    # 2 layers, hidden 64, 4 heads of 16 with 2 kv heads, SwiGLU ffn 96, vocab 100, seq 32:
-    # qkv 64*(64+2*32) + out 64*64 + mlp 3*64*96 = 8192 + 4096 + 18432 per layer; head 6400.
-    config = GPTConfig(vocab_size=100, layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, mlp="swiglu")
-    assert flops_per_token(config, 32) == 6 * (2 * 30720 + 6400) + 6 * 2 * 64 * 32
