@@ -3,8 +3,8 @@ runs (the bucket reducer of :mod:`hybridpar_ext.ops`), one reduction per optimiz
 many microbatches accumulate, and optionally a sharded optimizer (ZeRO-1).
 
 Two reducers: the parameters whose gradients tensor parallelism or a tied embedding still
-changes after the reduction (:meth:`ParallelGPT.synced_after_reduction`) are always
-all-reduced, so those later sums see whole gradients; the rest are all-reduced, or under ZeRO-1
+changes after the reduction (:meth:`GPTStage.synced_after_reduction`, from the shard specs)
+are always all-reduced, so those later sums see whole gradients; the rest are all-reduced, or under ZeRO-1
 reduce-scattered, so each rank receives only the averaged slice its optimizer updates.
 """
 
@@ -31,19 +31,33 @@ class GradientSync:
     ``overlap=True``: bucketed reductions start during the last backward of the step;
     ``overlap=False``: one all-reduce per parameter after backward (for benchmarks; ZeRO-1
     always uses the buckets). With one DP rank and no ZeRO-1 there is nothing to do. Wrap every
-    backward of a step but the last in :meth:`no_sync`, then call :meth:`finish`.
+    backward of a step but the last in :meth:`no_sync`, then call :meth:`finish`; clear the
+    gradients with :meth:`zero_grad` (in place: after the first step every ``param.grad`` is a
+    view of its bucket, and backward accumulates straight into it).
+
+    ``reduce_dtype``: the dtype the reduction sums in; by default the gradients' own (float32
+    master gradients under mixed precision, see :mod:`hybridpar_ext.train.precision`).
+    ``torch.bfloat16`` halves the bytes on the wire at the price of bf16 rounding in the sum: the
+    gradients are then cast, averaged and cast back after backward, one collective per dtype
+    (not overlapped; not with ZeRO-1, whose slices are reduce-scattered in the buckets' dtype).
     """
 
     def __init__(self, module, dp_group, zero: bool = False, overlap: bool = True,
-                 bucket_cap_mb: float = 25.0):
+                 bucket_cap_mb: float = 25.0, reduce_dtype: torch.dtype = None):
         self.module, self.dp_group, self.zero, self.overlap = module, dp_group, zero, overlap
+        self.reduce_dtype = reduce_dtype
         params = [p for p in module.parameters() if p.requires_grad]
         after = getattr(module, "synced_after_reduction", lambda p: False)
         self.whole = [p for p in params if after(p)]
         self.sliced = [p for p in params if not after(p)]
         self.reducers = []
         self.world = dist.get_world_size(dp_group)
-        if zero or (overlap and self.world > 1):
+        # Casting for the reduction: only where some gradient is not already in reduce_dtype.
+        self.cast = reduce_dtype is not None and any(p.dtype != reduce_dtype for p in params)
+        if self.cast and zero:
+            raise ValueError(f"GradientSync: reduce_dtype {reduce_dtype} differs from the parameters' dtype, "
+                             "which ZeRO-1's reduce-scattered slices cannot; reduce in the parameters' dtype")
+        if zero or (overlap and self.world > 1 and not self.cast):
             for group_params, scatter in ((self.sliced, zero), (self.whole, False)):
                 if group_params:
                     self.reducers.append(ops.GradBucketReducer(group_params, dp_group, bucket_cap_mb,
@@ -60,8 +74,40 @@ class GradientSync:
         if self.reducers:
             for r in self.reducers:
                 r.finish()
+        elif self.world > 1 and self.cast:
+            self._reduce_cast()
         elif self.world > 1:
             all_reduce_gradients(self.whole + self.sliced, self.dp_group)
+
+    def _reduce_cast(self):
+        """Average the gradients in ``reduce_dtype``: one flat buffer, divided before the sum
+        (as the bucket reducer does for 16-bit buckets, so it cannot overflow)."""
+        params = self.whole + self.sliced
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).to(self.reduce_dtype) for p in params]).div_(self.world)
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    @torch.no_grad()
+    def zero_grad(self):
+        """Clear the gradients for the next step. A gradient that is a view of a bucket is zeroed
+        in place (the whole bucket at once), so the next backward accumulates into the bucket
+        and the reducer copies nothing; any other is set to None."""
+        in_buckets = set()
+        for r in self.reducers:
+            for b in range(r.num_buckets):
+                r.buffers[b].zero_()
+                for p, view in _bucket_views(r, b, r.buffers[b]):
+                    if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
+                        in_buckets.add(p)
+        for p in self.whole + self.sliced:
+            if p not in in_buckets:
+                p.grad = None
 
     def averaged_grads(self) -> dict:
         """param -> its DP-averaged gradient (under ZeRO-1 all-gathered from the slices)."""
@@ -118,8 +164,8 @@ class ZeroAdamW:
                 p.copy_(view)
 
     def zero_grad(self, set_to_none: bool = True):
-        for p in self.sync.whole + self.sync.sliced:
-            p.grad = None
+        """The gradients stay views of the reducers' buckets, zeroed in place."""
+        self.sync.zero_grad()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (master slices and Adam moments) this rank holds."""

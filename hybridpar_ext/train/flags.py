@@ -61,6 +61,9 @@ def add_train_arguments(p) -> None:
     real.add_argument("--recompute", choices=("none", "selective", "full"),
                       help="recompute activations in backward: whole layers (full) or the elementwise work "
                            "between the matmuls and attention (selective); default none (or chosen by --plan)")
+    real.add_argument("--grad-reduce-dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="the dtype of the data-parallel gradient reduction (bf16 runs keep float32 master "
+                           "weights and gradients; bfloat16 halves the bytes, not with --zero)")
     launch = p.add_argument_group("launch (passed on to torchrun)")
     launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
     launch.add_argument("--nnodes", type=int, default=1)

@@ -96,6 +96,9 @@ def check_training_flags(args) -> None:
     check_schedule(args.lr, args.steps, args.warmup_steps, args.lr_decay, args.min_lr)
     if args.clip_grad is not None and not args.clip_grad > 0:
         raise ValueError(f"--clip-grad must be positive, got {args.clip_grad}")
+    if args.grad_reduce_dtype == "bfloat16" and args.zero:
+        raise ValueError("--grad-reduce-dtype bfloat16 cannot be used with --zero (its slices are reduce-scattered "
+                         "in the gradients' float32)")
     for name in ("eval_every", "eval_batches"):
         if getattr(args, name) < (0 if name == "eval_every" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'eval_every' else 'positive'}, "

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from .data import Batches
 from .evaluate import pipeline_eval_loss
 from .lr_schedule import LRSchedule
+from .precision import apply_mixed_precision
 from .recompute import apply_recompute
 from .token_data import is_token_file, train_and_eval_batches
 
@@ -28,12 +29,17 @@ class Trainer:
         dtype = getattr(torch, args.dtype)
         torch.manual_seed(args.seed)
         full = GPT(config)   # the same full weights on every rank; each keeps its part
+        # bf16 runs keep float32 parameters (the master weights) and compute in bf16.
+        mixed = dtype == torch.bfloat16
         self.stage = parallelize(full, self.mesh, sequence_parallel=args.sp, overlap=not args.no_overlap,
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=torch.float32 if mixed else dtype)
         del full
+        if mixed:
+            apply_mixed_precision(self.stage, dtype)
         apply_recompute(self.stage, args.recompute)
         _perturb_gradient_for_tests(self.stage)
-        self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap)
+        self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap,
+                                 reduce_dtype=getattr(torch, args.grad_reduce_dtype))
         if args.zero:
             self.optimizer = ZeroAdamW(self.sync, lr=args.lr, weight_decay=args.weight_decay)
         else:
@@ -67,7 +73,7 @@ class Trainer:
         start = time.perf_counter()
         inputs, targets = self.microbatches(step)
         lr = self.lr_schedule.apply(self.optimizer, step)
-        self.optimizer.zero_grad()
+        self.sync.zero_grad()   # in place: gradients stay views of the DP buckets
         stats = self.schedule.step(inputs, targets)
         self.sync.finish()
         self.stage.finish_grads()
