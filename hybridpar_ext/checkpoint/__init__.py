@@ -8,10 +8,18 @@ parallelism, ZeRO-1 on or off, microbatching.
 - ``chunks``: :class:`Chunked`, a rank's boxes of a global tensor, in DCP's checkpointable
   protocol; the planners that find them;
 - ``state``: the names and boxes of a stage's parameters and optimizer state;
-- ``saving``: :func:`save_state` / :func:`load_state` of one checkpoint directory.
+- ``saving``: :func:`save_state` / :func:`load_state` of one checkpoint directory;
+- ``manager``: :class:`Checkpointer`, a directory where only complete checkpoints count
+  (atomic commit, ``keep``, asynchronous saves);
+- ``export``: consolidated safetensors out (``python -m hybridpar_ext export``) and back in
+  (``train --init-from``).
 """
 
 from .chunks import Chunked, ChunkLoadPlanner, ChunkSavePlanner
+from .export import consolidated_state_dict, export_checkpoint, load_export
+from .manager import Checkpointer, complete_checkpoints, latest_checkpoint
 from .saving import load_state, save_state, saved_names
 
-__all__ = ["ChunkLoadPlanner", "ChunkSavePlanner", "Chunked", "load_state", "save_state", "saved_names"]
+__all__ = ["ChunkLoadPlanner", "ChunkSavePlanner", "Checkpointer", "Chunked", "complete_checkpoints",
+           "consolidated_state_dict", "export_checkpoint", "latest_checkpoint", "load_export", "load_state",
+           "save_state", "saved_names"]

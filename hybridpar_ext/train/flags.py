@@ -3,6 +3,7 @@ programs that drive :class:`~hybridpar_ext.train.Trainer` themselves)."""
 
 import argparse
 
+from .checkpointing import add_checkpoint_arguments
 from .data import DEFAULT_TEXT
 
 
@@ -64,6 +65,7 @@ def add_train_arguments(p) -> None:
     real.add_argument("--grad-reduce-dtype", choices=("float32", "bfloat16"), default="float32",
                       help="the dtype of the data-parallel gradient reduction (bf16 runs keep float32 master "
                            "weights and gradients; bfloat16 halves the bytes, not with --zero)")
+    add_checkpoint_arguments(p)
     launch = p.add_argument_group("launch (passed on to torchrun)")
     launch.add_argument("--nproc-per-node", type=int, help="default: the layout's world size / nnodes")
     launch.add_argument("--nnodes", type=int, default=1)

@@ -80,6 +80,8 @@ def check_args(args, world: int):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_training_flags(args)
+    from .checkpointing import check_checkpoint_flags
+    check_checkpoint_flags(args, config)   # --checkpoint-dir, --resume, --init-from against the files
     if args.data != "synthetic" and not is_token_file(args.data):
         size = Path(args.data).stat().st_size if Path(args.data).is_file() else None
         if size is None:

@@ -46,7 +46,7 @@ def _train(args, config, device, rank, world) -> int:
     log = StepLog(args, active=rank == 0)
     records = []
     try:
-        for step in range(1, args.steps + 1):
+        for step in range(trainer.checkpoints.start, args.steps + 1):
             record = {"step": step, **trainer.step(step)}
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 record["eval_loss"] = trainer.evaluate()
@@ -59,6 +59,8 @@ def _train(args, config, device, rank, world) -> int:
                           microbatches=args.microbatches, zero=args.zero, overlap=not args.no_overlap)
             records.append(record)
             log(record)
+            trainer.checkpoints.after_step(step)
+        trainer.checkpoints.close()
     finally:
         log.close()
     if rank == 0:

@@ -7,6 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .checkpointing import TrainerCheckpoints
 from .data import Batches
 from .evaluate import pipeline_eval_loss
 from .lr_schedule import LRSchedule
@@ -47,6 +48,8 @@ class Trainer:
                                                weight_decay=args.weight_decay)
         self.lr_schedule = LRSchedule(args.lr, args.steps, args.warmup_steps, args.lr_decay, args.min_lr)
         self.clipper = GradClipper(self.stage, self.sync)
+        # --init-from / --resume fill the weights (and the optimizer, the step) here.
+        self.checkpoints = TrainerCheckpoints(self)
         self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
                                          no_sync=self.sync.no_sync)
         if is_token_file(args.data):
