@@ -55,7 +55,8 @@ def train_padded(rank, world, extra):
         losses.append(trainer.step(step)["loss"])
         if grads is None:
             named = dict(trainer.stage.named_parameters(remove_duplicate=False))
-            grads = gather_state_dict(trainer.stage, trainer.mesh, tensors={n: p.grad.clone() for n, p in named.items()})
+            grads = gather_state_dict(trainer.stage, trainer.mesh,
+                                      tensors={n: p.grad.clone() for n, p in named.items()})
     # The padding rows never move: no gradient reaches them.
     padding = local * world - VOCAB
     if rank == world - 1:

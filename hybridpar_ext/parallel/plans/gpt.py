@@ -250,8 +250,7 @@ def build_stage(model, mesh, layer_ids, holds_embedding: bool, holds_head: bool,
     dtype = dtype or param.dtype
     stage = GPTStage(model.config, mesh, layer_ids, holds_embedding, holds_head, sequence_parallel, chunks,
                      overlap, device=device, dtype=dtype)
-    specs = {n: s for n, s in shard_specs(stage).items()}
-    stage.load_state_dict(split_by_specs(model.state_dict(), specs), strict=True)
+    stage.load_state_dict(split_by_specs(model.state_dict(), shard_specs(stage)), strict=True)
     return stage
 
 
