@@ -1,6 +1,6 @@
 """Interleaved 1F1B end to end: each pipeline rank holds two chunks of the GPT (layers dealt to
-the p v virtual stages, unevenly where they do not divide), with data or tensor parallelism
-mixed in, trained for 3 steps against the same GPT in one process: the loss of every step
+the p v virtual stages, unevenly where they do not divide), and ZB-H1 on one chunk, with data
+or tensor parallelism mixed in, trained for 3 steps against the same GPT in one process: the loss of every step
 within float32 tolerance and every gradient of the first step elementwise (gathered back to
 full shape). As in test_hybrid_parity, gradients are compared before the first update only;
 the later losses check the updates."""
@@ -12,15 +12,20 @@ from hybridpar_ext.testing import assert_close_to_reference, run_ranks
 
 STEPS, SEQ, GLOBAL_BATCH, LR, WD, SEED = 3, 12, 8, 3e-3, 0.01, 7
 MODEL = dict(vocab_size=96, max_seq_len=SEQ, hidden=64, heads=4, ffn=96)
-# (layout, virtual stages, the cases it runs: model variant, microbatches, sp, zero1)
+# layout -> (dp, tp, pp), its cases: model variant, microbatches, sp, zero1, virtual stages per
+# rank (2: interleaved 1F1B; 1: ZB-H1, whose W actions find nothing deferred in the GPT's
+# layers, so this checks the split schedule's order and its DP reduction on a real model).
 LAYOUTS = {
-    "dp2-pp2-v2": ((2, 1, 2), 2, [(dict(layers=5, kv_heads=2), 2, False, False),
-                                  (dict(layers=4, kv_heads=4, norm="rmsnorm", mlp="swiglu",
-                                        tied_embeddings=False), 4, False, True)]),
-    "tp2-pp2-v2": ((1, 2, 2), 2, [(dict(layers=5, kv_heads=1, mlp="swiglu"), 4, True, False),
-                                  (dict(layers=6, kv_heads=2, norm="rmsnorm"), 2, False, False)]),
-    "pp4-v2": ((1, 1, 4), 2, [(dict(layers=9, kv_heads=2, tied_embeddings=False), 4, False, False),
-                              (dict(layers=8, kv_heads=4), 8, False, False)]),
+    "dp2-pp2": ((2, 1, 2), [(dict(layers=5, kv_heads=2), 2, False, False, 2),
+                            (dict(layers=4, kv_heads=4, norm="rmsnorm", mlp="swiglu", tied_embeddings=False),
+                             4, False, True, 2),
+                            (dict(layers=3, kv_heads=1), 4, False, True, 1)]),
+    "tp2-pp2": ((1, 2, 2), [(dict(layers=5, kv_heads=1, mlp="swiglu"), 4, True, False, 2),
+                            (dict(layers=6, kv_heads=2, norm="rmsnorm"), 2, False, False, 2),
+                            (dict(layers=3, kv_heads=2, tied_embeddings=False), 2, True, False, 1)]),
+    "pp4": ((1, 1, 4), [(dict(layers=9, kv_heads=2, tied_embeddings=False), 4, False, False, 2),
+                        (dict(layers=8, kv_heads=4), 8, False, False, 2),
+                        (dict(layers=5, kv_heads=2), 4, False, False, 1)]),
 }
 
 
@@ -56,12 +61,13 @@ def train_interleaved(rank, world, layout):
     from hybridpar_ext.parallel import GradientSync, ZeroAdamW, build_stage, gather_state_dict, init_mesh
     from hybridpar_ext.parallel.pipeline import PipelineSchedule, build_chunks
 
-    (dp, tp, pp), v, cases = LAYOUTS[layout]
+    (dp, tp, pp), cases = LAYOUTS[layout]
     mesh = init_mesh(dp=dp, tp=tp, pp=pp)
     report = []
-    for variant, m, sp, zero in cases:
+    for variant, m, sp, zero, v in cases:
         config = GPTConfig(**MODEL, **variant)
-        label = f"{layout} {variant} m{m}" + (" sp" if sp else "") + (" zero1" if zero else "")
+        schedule = "interleaved" if v > 1 else "zero-bubble"
+        label = f"{layout} {schedule} v{v} {variant} m{m}" + (" sp" if sp else "") + (" zero1" if zero else "")
         torch.manual_seed(SEED)
         full = GPT(config)
         chunks = build_chunks(lambda ids, first, last: build_stage(full, mesh, ids, first, last, sequence_parallel=sp),
@@ -70,7 +76,7 @@ def train_interleaved(rank, world, layout):
         sync = GradientSync(chunks, mesh.dp_group, zero=zero)
         opt = ZeroAdamW(sync, lr=LR, weight_decay=WD) if zero else \
             torch.optim.AdamW(chunks.parameters(), lr=LR, weight_decay=WD)
-        pipe = PipelineSchedule(chunks, mesh.pp_group, m, no_sync=sync.no_sync, schedule="interleaved")
+        pipe = PipelineSchedule(chunks, mesh.pp_group, m, no_sync=sync.no_sync, schedule=schedule)
         losses, grads = [], None
         share = GLOBAL_BATCH // dp
         for step in range(1, STEPS + 1):
@@ -106,7 +112,7 @@ def train_interleaved(rank, world, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_interleaved_matches_one_process(layout):
-    (dp, tp, pp), _, cases = LAYOUTS[layout]
+def test_interleaved_and_zero_bubble_match_one_process(layout):
+    (dp, tp, pp), cases = LAYOUTS[layout]
     report = run_ranks(train_interleaved, dp * tp * pp, timeout=180, layout=layout)[0]
     assert len(report) == len(cases)
