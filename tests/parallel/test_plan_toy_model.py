@@ -66,7 +66,10 @@ def check_toy(rank, world):
             loss_ref = F.cross_entropy(reference(tokens).flatten(0, 1), targets.flatten())
             loss_ref.backward()
 
+            shapes = {n: tuple(p.shape) for n, p in dense.named_parameters(remove_duplicate=False)}
             model = parallel.parallelize_module(dense, mesh, toy_plan(), sequence_parallel=sp)
+            # The specs the built layers carry are the ones the plan gives offline.
+            assert parallel.shard_specs(model) == parallel.plan_specs(toy_plan(), shapes, world, rank, sp), tag
             assert isinstance(model.blocks["gate_up"], parallel.ColumnParallelLinear)
             assert (model.blocks["head"].weight is model.blocks["embed"].weight) == tied
             # Under SP the embedding scatters the sequence and the head gathers it back.
