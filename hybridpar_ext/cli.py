@@ -163,6 +163,11 @@ def main(argv=None) -> int:
                                        "(another --microbatches): how far rounding alone drifts")
     p_cmp.add_argument("--exact-steps", type=int, default=5)
     p_cmp.add_argument("--rtol", type=float, default=1e-5)
+    p_export = sub.add_parser("export", help="a checkpoint's weights as one safetensors state_dict (a "
+                                            "from_pretrained directory for Hugging Face models)")
+    p_export.add_argument("checkpoint", metavar="DIR", help="a --checkpoint-dir (its newest complete checkpoint) "
+                                                        "or one checkpoint")
+    p_export.add_argument("out", metavar="OUT", help="the directory to write (model.safetensors, config.json)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
@@ -174,6 +179,14 @@ def main(argv=None) -> int:
         return train_main(args, argv)
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "export":
+        from .checkpoint import export_checkpoint
+        try:
+            print(f"exported {export_checkpoint(args.checkpoint, args.out)} to {args.out}")
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "info":
         report = info()
         if args.json:
