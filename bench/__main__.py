@@ -3,7 +3,7 @@ import sys
 
 from . import runner
 
-FAMILIES = ("norms", "attention", "comm", "parallel")
+FAMILIES = ("norms", "attention", "comm", "parallel", "checkpoint")
 
 
 def main(argv=None) -> int:
