@@ -3,7 +3,7 @@ import sys
 
 from . import runner
 
-FAMILIES = ("norms", "attention", "comm", "parallel", "checkpoint")
+FAMILIES = ("norms", "attention", "comm", "parallel", "recompute", "checkpoint")
 
 
 def main(argv=None) -> int:
