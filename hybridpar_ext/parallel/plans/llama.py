@@ -1,0 +1,373 @@
+"""The plan of Hugging Face decoders of the LLaMA family (``LlamaForCausalLM``,
+``Qwen2ForCausalLM``, ``MistralForCausalLM``), and their pipeline stages.
+
+:func:`decoder_plan` says how each module is split over tensor parallelism; the names are
+Hugging Face's, so a stage's state_dict keys are the plain model's:
+
+=====================================  ===============================================================
+``model.embed_tokens``                 vocabulary-parallel, padded to a multiple of TP
+``model.layers.*.self_attn.q_proj``    column-parallel in whole heads (bias too: Qwen2)
+``model.layers.*.self_attn.k/v_proj``  column-parallel in whole kv heads; a kv head replicated over
+                                       ``tp / kv_heads`` ranks when there are fewer kv heads than ranks
+``model.layers.*.self_attn.o_proj``    row-parallel, by query heads
+``model.layers.*.mlp.gate/up_proj``    column-parallel
+``model.layers.*.mlp.down_proj``       row-parallel
+``model.layers.*.self_attn``, ``mlp``  kept; their input made whole once (all-gathered along the
+                                       sequence under SP, else copied with an all-reduced gradient)
+                                       for the column-parallel projections inside, which then run
+                                       no collective of their own
+``*layernorm``, ``model.norm``         our fused RMSNorm (the Hugging Face weight), replicated; partial
+                                       gradients under sequence parallelism
+``lm_head``                            column-parallel over the padded vocabulary, into the
+                                       vocabulary-parallel cross-entropy (no gathered logits)
+=====================================  ===============================================================
+
+Attention runs our kernel through transformers' ``AttentionInterface`` (``"hybridpar"``), with
+the module's own causal and sliding-window settings; the attention modules reshape with ``-1``
+heads, so they need no change to see this rank's heads.
+
+:class:`DecoderStage` is one pipeline stage: consecutive decoder layers (cut at layer
+boundaries, uneven allowed, keeping their global indices), the embedding on the first stage,
+the final norm and the head on the last, the rotary embedding (no parameters) on every stage
+that holds layers, which computes its cos/sin from positions rather than receiving them. It
+has the interface of :class:`~hybridpar_ext.parallel.plans.gpt.GPTStage`, so the same
+:class:`PipelineSchedule`, :class:`GradientSync` and ``ZeroAdamW`` drive it. Its weights come
+from a plain model (:func:`build_decoder_stage`, :func:`parallelize_decoder`) or from a local
+``save_pretrained`` directory, each rank reading only its slices (:func:`load_decoder_stage`).
+"""
+
+import copy
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ... import ops
+from ...nn.huggingface import register_hf_attention
+from ...nn.norms import RMSNorm
+from ..layers import SEQ_DIM, ColumnParallelLinear
+from ..mappings import copy_to_tp, gather_from_sequence
+from ..plan import (ColumnParallel, LMHead, RowParallel, SequenceParallelNorm, Style, VocabEmbedding, materialize,
+                    parallelize_module, stage_layers)
+from ..spec import set_shard_specs, shard_specs, spec_of, with_tied
+from ..state_dict import split_by_specs
+from .gpt import GPTStage, kv_heads_per_rank
+
+# config.model_type -> (modeling module, causal-LM class, its RMSNorm class).
+ARCHITECTURES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "LlamaRMSNorm"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2RMSNorm"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralForCausalLM", "MistralRMSNorm"),
+}
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _architecture(config):
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        raise ValueError(f"no parallel plan for {archs[0]} (model_type {model_type!r}); plans exist for "
+                         f"{', '.join(ARCHITECTURES[t][1] for t in sorted(ARCHITECTURES))}")
+    module, model_class, norm_class = ARCHITECTURES[model_type]
+    modeling = importlib.import_module(module)
+    return getattr(modeling, model_class), getattr(modeling, norm_class)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_decoder_config(config, dp: int, tp: int, pp: int, sequence_parallel: bool = False,
+                         seq: int = None):
+    """Raise ValueError naming the first thing that keeps this Hugging Face config from being
+    split by this layout (or run by our kernels). Depends only on its arguments, so every rank
+    raises the same message before any collective. The vocabulary is padded, never refused."""
+    _architecture(config)
+    for name, value in (("dp", dp), ("tp", tp), ("pp", pp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    kv_heads_per_rank(heads, kv_heads, tp)
+    if config.intermediate_size % tp:
+        raise ValueError(f"tensor parallelism: intermediate_size ({config.intermediate_size}) must be "
+                         f"divisible by the tensor-parallel size ({tp})")
+    if config.num_hidden_layers < pp:
+        raise ValueError(f"pipeline parallelism: num_hidden_layers ({config.num_hidden_layers}) must be "
+                         f"at least the number of pipeline stages ({pp})")
+    from ...ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+    if not MIN_HEAD_DIM <= head_dim(config) <= MAX_HEAD_DIM:
+        raise ValueError(f"our attention kernel takes head_dim {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, the model's "
+                         f"is {head_dim(config)}")
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(f"attention_dropout ({config.attention_dropout}) is not supported by our "
+                         "attention kernel: set it to 0")
+    if seq is not None:
+        if seq > config.max_position_embeddings:
+            raise ValueError(f"seq ({seq}) is longer than the model's max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        if sequence_parallel and seq % tp:
+            raise ValueError(f"sequence parallelism: seq ({seq}) must be divisible by the "
+                             f"tensor-parallel size ({tp})")
+
+
+class SharedInputColumnLinear(ColumnParallelLinear):
+    """A column-parallel linear whose input is already what every TP rank needs: its parent
+    (the attention, the MLP) gathered or copied it once for all its projections
+    (:class:`SharedInput`), so it runs no collective of its own."""
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+@dataclass(frozen=True)
+class SharedInputColumn(ColumnParallel):
+    """``Linear`` -> :class:`SharedInputColumnLinear` (output features split as ColumnParallel)."""
+    cls = SharedInputColumnLinear
+
+
+class _TensorParallelInput:
+    """Forward pre-hook: the module's input made whole on every TP rank, once. Under sequence
+    parallelism the sequence is all-gathered (backward: reduce-scatter), so the Hugging Face
+    attention, which reads the sequence length off its input, sees all of it; otherwise it is
+    the identity whose backward all-reduces. One collective for q, k and v (gate and up)
+    instead of one per projection."""
+
+    def __init__(self, group, sequence_parallel):
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def _whole(self, x):
+        if self.sequence_parallel:
+            return gather_from_sequence(x, SEQ_DIM, self.group)
+        return copy_to_tp(x, self.group)
+
+    def __call__(self, module, args, kwargs):
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": self._whole(kwargs["hidden_states"])}
+        return (self._whole(args[0]),) + tuple(args[1:]), kwargs
+
+
+@dataclass(frozen=True)
+class SharedInput(Style):
+    """The module kept (the attention, the MLP); its input made whole once for the
+    :class:`SharedInputColumn` projections inside it."""
+
+    def apply(self, module, ctx):
+        module.register_forward_pre_hook(_TensorParallelInput(ctx.tp_group, ctx.sequence_parallel),
+                                         with_kwargs=True)
+        return module
+
+    def specs(self, shapes, tp, rank, sequence_parallel=False):
+        return {}   # its own parameters (none in these models) stay replicated
+
+
+def decoder_plan(config) -> dict:
+    """The plan of a LLaMA-family causal LM (see the module docstring), names as Hugging Face's."""
+    unit = head_dim(config)
+    layer = "model.layers.*."
+    return {
+        "model.embed_tokens": VocabEmbedding(),
+        layer + "self_attn.q_proj": SharedInputColumn(unit=unit),
+        layer + "self_attn.k_proj": SharedInputColumn(unit=unit, replicable=(0,)),
+        layer + "self_attn.v_proj": SharedInputColumn(unit=unit, replicable=(0,)),
+        layer + "self_attn.o_proj": RowParallel(unit=unit),
+        layer + "self_attn": SharedInput(),
+        layer + "mlp.gate_proj": SharedInputColumn(),
+        layer + "mlp.up_proj": SharedInputColumn(),
+        layer + "mlp.down_proj": RowParallel(),
+        layer + "mlp": SharedInput(),
+        layer + "input_layernorm": SequenceParallelNorm(),
+        layer + "post_attention_layernorm": SequenceParallelNorm(),
+        "model.norm": SequenceParallelNorm(),
+        "lm_head": LMHead(),
+    }
+
+
+def _our_norms(module, norm_class):
+    """Swap every Hugging Face RMSNorm under `module` for ours, holding the same weight."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is norm_class:
+                ours = RMSNorm(child.weight.shape, eps=child.variance_epsilon, device="meta",
+                               dtype=child.weight.dtype)
+                ours.weight = child.weight
+                setattr(parent, name, ours)
+
+
+class _PaddingRowGradZero:
+    """The gradient of an embedding's ``padding_idx`` row is zero (torch.nn.Embedding's rule),
+    kept on the rank whose vocabulary slice holds it."""
+
+    def __init__(self, local_row):
+        self.local_row = local_row
+
+    def __call__(self, grad):
+        grad = grad.clone()
+        grad[self.local_row] = 0
+        return grad
+
+
+class _Container(torch.nn.Module):
+    """Holds ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``: Hugging Face's ``model.``."""
+
+
+class DecoderStage(torch.nn.Module):
+    """One pipeline stage (or chunk) of a LLaMA-family causal LM, tensor-parallel over
+    ``mesh.tp``: decoder layers ``layer_ids`` (keeping their global names
+    ``model.layers.{i}``), plus the embedding if ``holds_embedding`` and the final norm and
+    ``lm_head`` if ``holds_head``. Its parameters are empty: load them (see the module docstring).
+
+    ``forward(inputs)``: with the embedding, ``inputs`` are tokens ``(batch, seq)``; otherwise
+    the 1-tuple ``(hidden,)`` the previous stage returned. With the head it returns this rank's
+    vocabulary slice of the logits ``(batch, seq, padded vocab / tp)`` (pass them to
+    :meth:`loss`); otherwise ``(hidden,)``, ``(batch, seq or seq / tp under SP, hidden_size)``.
+    """
+
+    def __init__(self, config, mesh, layer_ids, holds_embedding, holds_head, sequence_parallel=False,
+                 chunks=ops.comm.DEFAULT_CHUNKS, overlap=True, device=None, dtype=None):
+        super().__init__()
+        check_decoder_config(config, mesh.dp, mesh.tp, mesh.pp, sequence_parallel)
+        layer_ids = list(layer_ids)
+        n = config.num_hidden_layers
+        if any(not 0 <= i < n for i in layer_ids) or len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"DecoderStage: layer_ids must be distinct indices in [0, {n}), got {layer_ids}")
+        model_class, norm_class = _architecture(config)
+        # Our attention, through the config every layer reads (a copy: the caller's is left alone).
+        config = copy.deepcopy(config)
+        config._attn_implementation = register_hf_attention()
+        self.config, self.mesh, self.sequence_parallel = config, mesh, sequence_parallel
+        self.stage, self.num_stages = mesh.pp_rank, mesh.pp
+        self.is_first, self.is_last = bool(holds_embedding), bool(holds_head)
+        self.tied_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+
+        # The plain model on the meta device, from which this stage takes its modules.
+        with torch.device("meta"):
+            dense = model_class(config)
+        self.model = _Container()
+        padding_idx = None
+        if self.is_first:
+            embed = dense.model.embed_tokens
+            padding_idx = embed.padding_idx
+            # The parallel embedding takes no padding_idx: its one effect in training (a zero
+            # gradient for that row) is kept by a hook below.
+            embed.padding_idx = None
+            self.model.embed_tokens = embed
+        self.model.layers = torch.nn.ModuleDict({str(i): dense.model.layers[i] for i in layer_ids})
+        if self.is_last:
+            self.model.norm = dense.model.norm
+            self.lm_head = dense.lm_head
+            if self.tied_embeddings and self.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        rotary_class = type(dense.model.rotary_emb)
+        del dense
+        if layer_ids:
+            # Its buffers (inv_freq) are computed from the config, so it is built for real; it
+            # has no parameters and its buffers are not in the state_dict.
+            self.model.rotary_emb = rotary_class(config).to(device)
+        _our_norms(self, norm_class)
+        parallelize_module(self, mesh, decoder_plan(config), sequence_parallel, chunks, overlap,
+                           device=device, dtype=dtype)
+        materialize(self, device, dtype)
+        if self.tied_across_stages and not self.is_first:
+            # The last stage's copy of the embedding: kept equal by summing the two gradients,
+            # counted once (on the first stage), read from the embedding's name when loading.
+            set_shard_specs(self.lm_head, {"weight": with_tied(spec_of(self.lm_head, "weight"), EMBEDDING)})
+        if padding_idx is not None:
+            embed = self.model.embed_tokens
+            if embed.vocab_start <= padding_idx < embed.vocab_end:
+                embed.weight.register_hook(_PaddingRowGradZero(padding_idx - embed.vocab_start))
+
+    # The gradient sums that tensor parallelism and a tied embedding across stages owe, and
+    # which parameters a sharded optimizer must see whole: the same rules as our GPT's stage,
+    # which reads only mesh, is_first/is_last, tied_across_stages and tied_weight.
+    finish_grads = GPTStage.finish_grads
+    synced_after_reduction = GPTStage.synced_after_reduction
+
+    @property
+    def tied_across_stages(self) -> bool:
+        """The embedding and the LM head are one tensor held by two stages."""
+        return self.tied_embeddings and self.is_first != self.is_last
+
+    def tied_weight(self):
+        return self.model.embed_tokens.weight if self.is_first else self.lm_head.weight
+
+    def forward(self, inputs):
+        if self.is_first:
+            hidden = self.model.embed_tokens(inputs)
+        else:
+            (hidden,) = inputs
+        if len(self.model.layers):
+            seq = hidden.shape[SEQ_DIM] * (self.mesh.tp if self.sequence_parallel else 1)
+            positions = torch.arange(seq, device=hidden.device).unsqueeze(0)
+            rotary = self.model.rotary_emb(hidden, positions)
+            for layer in self.model.layers.values():
+                # No mask: our attention applies the causal (and sliding-window) pattern itself.
+                hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+        if not self.is_last:
+            return (hidden,)
+        return self.lm_head(self.model.norm(hidden))
+
+    def loss(self, logits, targets):
+        """Mean cross-entropy over the tokens, from the vocabulary-sliced logits (padding excluded)."""
+        return self.lm_head.loss(logits, targets).mean()
+
+    def activation_shape(self, microbatch: int, seq: int):
+        """Shape of what passes between stages: ``(hidden,)`` stacked."""
+        local_seq = seq // self.mesh.tp if self.sequence_parallel else seq
+        return (1, microbatch, local_seq, self.config.hidden_size)
+
+
+def build_decoder_stage(model, mesh, layer_ids, holds_embedding: bool, holds_head: bool,
+                        sequence_parallel: bool = False, chunks: int = ops.comm.DEFAULT_CHUNKS,
+                        overlap: bool = True, device=None, dtype=None) -> DecoderStage:
+    """A stage (or interleaved chunk) of the plain Hugging Face `model` on `mesh`, holding this
+    rank's slices of the model's current weights (on `device`, in `dtype`; by default the
+    model's). `model` is left as it is."""
+    param = next(model.parameters())
+    stage = DecoderStage(model.config, mesh, layer_ids, holds_embedding, holds_head, sequence_parallel, chunks,
+                         overlap, device=device or param.device, dtype=dtype or param.dtype)
+    plain = model.state_dict()
+    if stage.tied_across_stages and not stage.is_first and "lm_head.weight" not in plain:
+        plain["lm_head.weight"] = plain[EMBEDDING]
+    stage.load_state_dict(split_by_specs(plain, shard_specs(stage)), strict=True)
+    return stage
+
+
+def parallelize_decoder(model, mesh, sequence_parallel: bool = False, chunks: int = ops.comm.DEFAULT_CHUNKS,
+                        overlap: bool = True, device=None, dtype=None) -> DecoderStage:
+    """This rank's part of the plain Hugging Face `model` on `mesh`: its pipeline stage
+    (:func:`stage_layers`: consecutive layers, the earlier stages taking one more when the
+    stages do not divide them), tensor-parallel, holding its slices of the model's weights."""
+    check_decoder_config(model.config, mesh.dp, mesh.tp, mesh.pp, sequence_parallel)
+    layers = stage_layers(model.config.num_hidden_layers, mesh.pp, mesh.pp_rank)
+    return build_decoder_stage(model, mesh, layers, mesh.pp_rank == 0, mesh.pp_rank == mesh.pp - 1,
+                               sequence_parallel, chunks, overlap, device, dtype)
+
+
+def load_decoder_stage(path, mesh, sequence_parallel: bool = False, chunks: int = ops.comm.DEFAULT_CHUNKS,
+                       overlap: bool = True, device=None, dtype=None, layer_ids=None,
+                       holds_embedding=None, holds_head=None) -> DecoderStage:
+    """This rank's stage of the model saved in the local directory `path` (``config.json`` and
+    safetensors weights, the ``save_pretrained`` layout), each rank reading only its own slices.
+    By default the stage :func:`parallelize_decoder` would give; `dtype` (default float32) is
+    the one the parameters take, whatever the files hold."""
+    from transformers import AutoConfig
+
+    from ..loading import load_safetensors
+
+    config = AutoConfig.from_pretrained(path)
+    check_decoder_config(config, mesh.dp, mesh.tp, mesh.pp, sequence_parallel)
+    if layer_ids is None:
+        layer_ids = stage_layers(config.num_hidden_layers, mesh.pp, mesh.pp_rank)
+    first = mesh.pp_rank == 0 if holds_embedding is None else holds_embedding
+    last = mesh.pp_rank == mesh.pp - 1 if holds_head is None else holds_head
+    stage = DecoderStage(config, mesh, layer_ids, first, last, sequence_parallel, chunks, overlap,
+                         device=device, dtype=dtype)
+    aliases = {"lm_head.weight": EMBEDDING} if stage.tied_embeddings else {}
+    load_safetensors(stage, path, aliases=aliases)
+    return stage
+
+
+__all__ = ["ARCHITECTURES", "DecoderStage", "build_decoder_stage", "check_decoder_config", "decoder_plan",
+           "load_decoder_stage", "parallelize_decoder"]

@@ -1,0 +1,201 @@
+"""Hugging Face LLaMA, Qwen2 and Mistral through the decoder plan (parallel/plans/llama.py):
+trained under DP x TP x PP layouts against the plain Hugging Face model trained in one process
+with torch.optim.AdamW on the same batches. Each case checks that the stages start from the
+plain model's weights (their gathered state_dict loads strictly into a fresh plain model and
+gives its logits), the loss of each of 3 steps, and every gathered gradient of the first step
+elementwise (only the first: see test_hybrid_parity.py on why later gradients are not
+compared elementwise).
+
+The cases cover, rather than cross, the dimensions: every layout of the issue; each of the
+three families in several layouts; kv heads fewer than TP (replicated), equal to it and more;
+tied embeddings on one stage and across stages; sequence parallelism; ZeRO-1; one and several
+microbatches; an odd vocabulary (padded under TP); 3 layers, split unevenly over 2 stages.
+"""
+
+import pytest
+import torch
+
+from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+STEPS, SEQ, BATCH, LR, WD = 3, 12, 8, 3e-3, 0.01
+LOAD_FROM_DIRECTORY = (1, 2, 2)   # where the stages are also read from a save_pretrained directory
+
+# (family, kv heads, tied, sp, zero, microbatches) per layout (dp, tp, pp).
+CASES = {
+    (2, 1, 1): [("llama", 2, True, False, True, 1), ("mistral", 4, False, False, False, 2)],
+    (1, 2, 1): [("llama", 1, False, True, False, 1), ("qwen2", 2, True, False, False, 2)],
+    (1, 1, 2): [("qwen2", 2, True, False, False, 2), ("mistral", 1, False, False, False, 4)],
+    (2, 2, 1): [("mistral", 1, True, True, True, 1)],
+    (1, 2, 2): [("llama", 1, True, True, False, 2)],
+    (2, 2, 2): [("qwen2", 1, True, True, True, 2)],
+}
+
+
+def tiny_config(family, kv_heads, tied):
+    """head_dim 16 (4 heads), an FFN of 96 and a vocabulary of 101 (odd: padded under TP)."""
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)   # q/k/v biases
+    return transformers.MistralConfig(**common, sliding_window=5)   # shorter than SEQ
+
+
+def plain_model(config, seed):
+    """The plain Hugging Face model (its own eager attention and norms), the same on every rank;
+    norm weights and biases moved off their init so that a wrong split of them would show."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batches(vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+
+
+def reference_run(config, seed):
+    model = plain_model(config, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    losses, grads = [], None
+    for tokens in batches(config.vocab_size, seed):
+        opt.zero_grad()
+        logits = model(tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        opt.step()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def parallel_run(config, seed, mesh, sp, zero, m):
+    """3 steps of this rank's stage; returns (losses, gathered first-step grads, gathered initial state)."""
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel import GradientSync, PipelineSchedule, ZeroAdamW, gather_state_dict
+    from hybridpar_ext.parallel.plans.llama import parallelize_decoder
+
+    stage = parallelize_decoder(plain_model(config, seed), mesh, sequence_parallel=sp)
+    initial = gather_state_dict(stage, mesh)
+    sync = GradientSync(stage, mesh.dp_group, zero=zero)
+    opt = ZeroAdamW(sync, lr=LR, weight_decay=WD) if zero else torch.optim.AdamW(
+        stage.parameters(), lr=LR, weight_decay=WD)
+    schedule = PipelineSchedule(stage, mesh.pp_group, m, no_sync=sync.no_sync)
+    share = BATCH // mesh.dp
+    losses, grads = [], None
+    for tokens in batches(config.vocab_size, seed):
+        rows = tokens[mesh.dp_rank * share:(mesh.dp_rank + 1) * share]
+        opt.zero_grad()
+        stats = schedule.step(list(rows[:, :-1].chunk(m)), list(rows[:, 1:].chunk(m)))
+        sync.finish()
+        stage.finish_grads()
+        if grads is None:
+            averaged = sync.averaged_grads()
+            grads = gather_state_dict(stage, mesh, tensors={
+                n: averaged[p].detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)})
+        opt.step()
+        counts = stage.is_last and mesh.tp_rank == 0
+        loss = torch.tensor([stats.loss if counts else 0.0], dtype=torch.float64)
+        dist.all_reduce(loss)
+        losses.append(loss.item() / mesh.dp)
+    return losses, grads, initial
+
+
+def check_loading_from_directory(config, seed, mesh, sp, tmp, label):
+    """The stage read slice by slice from a save_pretrained directory (sharded files) holds
+    exactly what the stage split from the plain model holds."""
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel.plans.llama import load_decoder_stage, parallelize_decoder
+
+    model = plain_model(config, seed)
+    if dist.get_rank() == 0:
+        model.save_pretrained(tmp, max_shard_size="30KB")
+    dist.barrier()
+    loaded = load_decoder_stage(tmp, mesh, sequence_parallel=sp).state_dict()
+    split = parallelize_decoder(model, mesh, sequence_parallel=sp).state_dict()
+    assert loaded.keys() == split.keys(), f"[{label}] {sorted(set(loaded) ^ set(split))}"
+    for name, value in split.items():
+        assert torch.equal(loaded[name], value), f"[{label}] {name} loaded from the directory differs"
+
+
+def train_and_compare(rank, world, dp, tp, pp, tmp):
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel import init_mesh
+
+    mesh = init_mesh(dp=dp, tp=tp, pp=pp, device_type="cpu")
+    report = []
+    for i, (family, kv, tied, sp, zero, m) in enumerate(CASES[(dp, tp, pp)]):
+        label = f"{family} kv{kv}{' tied' if tied else ''}{' sp' if sp else ''}{' zero' if zero else ''} m{m}"
+        config, seed = tiny_config(family, kv, tied), 11 + i
+        losses, grads, initial = parallel_run(config, seed, mesh, sp, zero, m)
+        if (dp, tp, pp) == LOAD_FROM_DIRECTORY:
+            check_loading_from_directory(config, seed, mesh, sp, tmp, label)
+        if rank == 0:
+            # The stages' gathered weights are the plain model's, under its own names.
+            plain = plain_model(config, seed)
+            fresh = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            fresh.load_state_dict(initial, strict=True)
+            tokens = batches(config.vocab_size, seed)[0][:, :-1]
+            assert torch.equal(fresh(tokens).logits, plain(tokens).logits), f"[{label}] logits of the gathered weights"
+            ref_losses, ref_grads = reference_run(config, seed)
+            for step, (a, e) in enumerate(zip(losses, ref_losses), 1):
+                assert_close_to_reference(torch.tensor(a), torch.tensor(e, dtype=torch.float64),
+                                          torch.float32, f"[{label}] loss of step {step}")
+            assert set(grads) == set(ref_grads), f"[{label}] {sorted(set(grads) ^ set(ref_grads))}"
+            for name, g in ref_grads.items():
+                assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
+            report.append({"case": label, "losses": losses, "reference": ref_losses})
+        dist.barrier()
+    return report
+
+
+@pytest.mark.parametrize("dp,tp,pp", list(CASES), ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p in CASES])
+def test_hf_layout_matches_one_process(dp, tp, pp, tmp_path):
+    results = run_ranks(train_and_compare, dp * tp * pp, timeout=240, dp=dp, tp=tp, pp=pp, tmp=str(tmp_path))
+    assert len(results[0]) == len(CASES[(dp, tp, pp)])
+
+
+def test_configs_the_layout_cannot_split_are_refused():
+    from hybridpar_ext.parallel.plans.llama import check_decoder_config
+
+    check_decoder_config(tiny_config("llama", 2, False), 1, 4, 3, True, 12)   # kv heads replicated
+    gemma = transformers.GemmaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                     head_dim=16)
+    cases = [
+        (gemma, {}, r"no parallel plan for GemmaConfig \(model_type 'gemma'\); plans exist for "
+                    r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+        (tiny_config("llama", 2, False), dict(tp=3),
+         r"heads \(4\) must be divisible by the tensor-parallel size \(3\)"),
+        (transformers.Qwen2Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                                  intermediate_size=96), dict(tp=2),
+         r"kv_heads \(3\) must be divisible by the tensor-parallel size \(2\), or divide it"),
+        (transformers.MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                    intermediate_size=90), dict(tp=4),
+         r"intermediate_size \(90\) must be divisible by the tensor-parallel size \(4\)"),
+        (tiny_config("qwen2", 2, True), dict(pp=4), r"num_hidden_layers \(3\) must be at least .* \(4\)"),
+        (transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=64, head_dim=272),
+         {}, r"attention kernel takes head_dim \d+\.\.256, the model's is 272"),
+        (transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=64,
+                                  attention_dropout=0.1), {}, r"attention_dropout \(0.1\) is not supported"),
+        (tiny_config("llama", 2, False), dict(tp=2, sp=True, seq=13),
+         r"seq \(13\) must be divisible by the tensor-parallel size \(2\)"),
+        (tiny_config("llama", 2, False), dict(seq=65), r"seq \(65\) is longer than .* \(64\)"),
+        (tiny_config("llama", 2, False), dict(dp=0), r"dp must be a positive int, got 0"),
+    ]
+    for config, layout, message in cases:
+        layout = {"dp": 1, "tp": 1, "pp": 1, "sp": False, "seq": None, **layout}
+        with pytest.raises(ValueError, match=message):
+            check_decoder_config(config, layout["dp"], layout["tp"], layout["pp"], layout["sp"], layout["seq"])
