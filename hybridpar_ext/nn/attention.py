@@ -84,12 +84,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     The fused path covers ``need_weights=False`` with no mask, or a causal mask
     (``is_causal=True``, or an ``attn_mask`` that is the causal mask), self- and
-    cross-attention, ``batch_first`` either way. Anything else (attention weights, padding
-    or arbitrary masks, dropout while training, ``add_bias_kv``, ``add_zero_attn``) runs
-    torch's implementation, with a warning saying why.
+    cross-attention, ``batch_first`` either way, batched or unbatched ``(seq, embed)``
+    inputs. Anything else (attention weights, padding or arbitrary masks, dropout while
+    training, ``add_bias_kv``, ``add_zero_attn``) runs torch's implementation, with a warning
+    saying why.
     """
 
-    def _unsupported(self, query, key, key_padding_mask, need_weights, attn_mask, is_causal):
+    def _unsupported(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                     is_causal):
         if need_weights:
             return "need_weights=True (pass need_weights=False for the fused path)"
         if key_padding_mask is not None:
@@ -98,11 +100,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return "add_bias_kv / add_zero_attn"
         if self.dropout > 0 and self.training:
             return "attention dropout while training"
-        if query.dim() != 3:
-            return "unbatched input"
+        if query.dim() not in (2, 3) or not query.dim() == key.dim() == value.dim():
+            return "inputs that are not all (seq, embed) or all batched"
         if not MIN_HEAD_DIM <= self.head_dim <= MAX_HEAD_DIM:
             return f"head_dim {self.head_dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-        seq_dim = 1 if self.batch_first else 0
+        seq_dim = 1 if self.batch_first and query.dim() == 3 else 0
         causal = is_causal or attn_mask is not None
         if causal and query.shape[seq_dim] != key.shape[seq_dim]:
             return "a causal mask with different query and key lengths"
@@ -112,13 +114,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
-        reason = self._unsupported(query, key, key_padding_mask, need_weights, attn_mask, is_causal)
+        reason = self._unsupported(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   is_causal)
         if reason is not None:
             warnings.warn(f"hybridpar_ext.nn.MultiheadAttention: {reason} is not supported by "
                           f"the fused kernel; using torch's implementation", stacklevel=2)
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        if not self.batch_first:
+        self_attention = query is key and key is value
+        # Unbatched (seq, embed) inputs are a batch of one.
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         heads, head_dim = self.num_heads, self.head_dim
         if self._qkv_same_embed_dim:
@@ -127,7 +135,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q, b_k, b_v = (self.in_proj_bias.chunk(3) if self.in_proj_bias is not None
                          else (None, None, None))
-        if query is key and key is value and self._qkv_same_embed_dim:
+        if self_attention and self._qkv_same_embed_dim:
             # Self-attention: one GEMM for q, k and v.
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
@@ -136,4 +144,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                             v.unflatten(-1, (heads, head_dim)),
                             causal=bool(is_causal or attn_mask is not None))
         out = self.out_proj(out.flatten(-2))
+        if unbatched:
+            return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None

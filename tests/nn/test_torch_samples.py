@@ -73,13 +73,42 @@ def _module_cases():
     for info in module_db:
         if info.module_cls not in DROP_INS:
             continue
+        # torch's MultiheadAttention samples all ask for the attention weights (the default),
+        # which only torch's implementation returns; run them once more without, as a user
+        # of the fused path would.
+        variants = ([{}, {"need_weights": False}] if info.module_cls is torch.nn.MultiheadAttention
+                    else [{}])
         for dtype in DTYPES:
             for training in (True, False):
                 for i, sample in enumerate(_module_samples(info, dtype, training)):
-                    mode = "train" if training else "eval"
-                    desc = f"-{sample.desc}" if sample.desc else ""
-                    yield pytest.param(info, dtype, training, i,
-                                       id=f"{info.name}-{str(dtype)[6:]}-{mode}-{i}{desc}")
+                    for extra in variants:
+                        mode = "train" if training else "eval"
+                        desc = f"-{sample.desc}" if sample.desc else ""
+                        desc += "".join(f"-{k}={v}" for k, v in extra.items())
+                        yield pytest.param(info, dtype, training, i, extra,
+                                           id=f"{info.name}-{str(dtype)[6:]}-{mode}-{i}{desc}")
+
+
+def _assert_as_close_as_torch(ours, theirs, exact, dtype, name):
+    """`ours` within the dtype's tolerance of the float64 oracle `exact`, or, where the
+    problem is too ill-conditioned for that dtype (torch's module in the same dtype, `theirs`,
+    misses the tolerance too), no further from the oracle than twice torch's own error.
+
+    torch's attention samples take inputs up to 9 in magnitude: with random projections the
+    softmax saturates and a float32 gradient through it is a small difference of large terms.
+    """
+    try:
+        assert_close_to_reference(ours, exact, dtype, name=name)
+    except AssertionError:
+        try:
+            assert_close_to_reference(theirs, exact, dtype, name=name)
+        except AssertionError:
+            ours_err = (ours.detach().double() - exact).abs().max().item()
+            torch_err = (theirs.detach().double() - exact).abs().max().item()
+            assert ours_err <= 2 * torch_err, (
+                f"{name} ({dtype}): error {ours_err:.3g} against float64, torch's own {torch_err:.3g}")
+        else:
+            raise
 
 
 def _must_fall_back(theirs, kwargs):
@@ -91,8 +120,8 @@ def _must_fall_back(theirs, kwargs):
             or theirs.bias_k is not None or theirs.add_zero_attn)
 
 
-@pytest.mark.parametrize("info,dtype,training,index", list(_module_cases()))
-def test_module_samples(backend, device, info, dtype, training, index):
+@pytest.mark.parametrize("info,dtype,training,index,extra_kwargs", list(_module_cases()))
+def test_module_samples(backend, device, info, dtype, training, index, extra_kwargs):
     torch.manual_seed(index)
     sample = _module_samples(info, dtype, training, device)[index]
     ctor = sample.constructor_input
@@ -105,14 +134,17 @@ def test_module_samples(backend, device, info, dtype, training, index):
     ours.load_state_dict(theirs.state_dict())
     theirs.train(training)
     ours.train(training)
-    args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
+    args, kwargs = sample.forward_input.args, dict(sample.forward_input.kwargs, **extra_kwargs)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outs, grads, cotangents = _run(ours, *_copy((args, kwargs)))
-    fell_back = [w for w in caught if FALLBACK in str(w.message)]
     if _must_fall_back(theirs, kwargs):
-        assert fell_back, "a case the drop-in cannot fuse ran without the fallback warning"
+        with pytest.warns(UserWarning, match=FALLBACK):
+            outs, grads, cotangents = _run(ours, *_copy((args, kwargs)))
+        fell_back = True
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs, grads, cotangents = _run(ours, *_copy((args, kwargs)))
+        fell_back = any(FALLBACK in str(w.message) for w in caught)
     if fell_back:
         # torch's implementation: the very same numbers as torch's module in this dtype.
         same_outs, same_grads, _ = _run(theirs, *_copy((args, kwargs)), cotangents)
@@ -120,17 +152,17 @@ def test_module_samples(backend, device, info, dtype, training, index):
         for a, b in zip(outs + grads, same_outs + same_grads):
             assert torch.equal(a, b)
         return
-    # The fused path: against torch's module in float64, the same state_dict.
+    # The fused path: against torch's module run in float64 (the oracle), the same state_dict.
+    torch_outs, torch_grads, _ = _run(theirs, *_copy((args, kwargs)), cotangents)
     exact = theirs.to(torch.float64)
     exact_outs, exact_grads, _ = _run(exact, *_copy((args, kwargs), torch.float64), cotangents)
     assert len(outs) == len(exact_outs) and len(grads) == len(exact_grads)
-    for n, (o, e) in enumerate(zip(outs, exact_outs)):
-        assert o.dtype == dtype and o.shape == e.shape
-        assert_close_to_reference(o, e, dtype, name=f"output {n}")
-    names = [f"input {n}" for n in range(len(grads) - len(list(exact.parameters())))]
-    names += [name for name, _ in exact.named_parameters()]
-    for name, g, e in zip(names, grads, exact_grads):
-        assert_close_to_reference(g, e, dtype, name=f"d({name})")
+    names = [f"output {n}" for n in range(len(outs))]
+    names += [f"d(input {n})" for n in range(len(grads) - len(list(exact.parameters())))]
+    names += [f"d({name})" for name, _ in exact.named_parameters()]
+    for name, a, t, e in zip(names, outs + grads, torch_outs + torch_grads, exact_outs + exact_grads):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        _assert_as_close_as_torch(a, t, e, dtype, name)
 
 
 def test_module_samples_cover_every_drop_in():
