@@ -13,6 +13,11 @@ def add_train_arguments(p) -> None:
         layout.add_argument(f"--{flag}", type=int, help="default 1 (or chosen by --plan)")
     layout.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
     layout.add_argument("--microbatches", type=int, help="per step and pipeline; default: pp")
+    layout.add_argument("--schedule", choices=("1f1b", "interleaved", "zero-bubble"),
+                        help="pipeline schedule; default 1f1b, or interleaved with --virtual-stages > 1")
+    layout.add_argument("--virtual-stages", type=int,
+                        help="model chunks per pipeline rank (interleaved 1F1B; microbatches a multiple of pp); "
+                             "default 1")
     layout.add_argument("--zero", action="store_true", help="shard the optimizer state over DP (ZeRO-1)")
     layout.add_argument("--no-overlap", action="store_true",
                         help="run every collective outside its matmul/backward (to measure the overlap)")

@@ -21,7 +21,8 @@ def model_config(args):
 def choose_layout(args, config, world: int) -> None:
     """Fill dp, tp, pp, sp and microbatches: from the flags, or from the planner (--plan)."""
     if args.plan:
-        given = [f"--{k}" for k in ("dp", "tp", "pp", "microbatches", "recompute") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("dp", "tp", "pp", "microbatches", "recompute", "virtual_stages",
+                                                      "schedule") if getattr(args, k, None) is not None]
         if given:
             raise ValueError(f"--plan chooses the layout; drop {', '.join(given)}")
         from ..hardware import gpu_spec
@@ -38,13 +39,15 @@ def choose_layout(args, config, world: int) -> None:
             raise ValueError(f"--plan: {err}") from err
         for pred in result.best:
             lay = pred.layout
-            if lay.virtual_stages > 1:
-                continue   # this trainer does not interleave stages
             try:
                 check_parallel_config(config, lay.dp, lay.tp, lay.pp, lay.sequence_parallel, args.seq,
                                       lay.microbatches, args.global_batch)
+                if lay.virtual_stages > 1:   # interleaved: m a multiple of pp, a layer per chunk
+                    check_pipeline_schedule(config, "interleaved", lay.pp, lay.virtual_stages, lay.microbatches)
             except ValueError:
                 continue
+            args.virtual_stages = lay.virtual_stages
+            args.schedule = "interleaved" if lay.virtual_stages > 1 else "1f1b"
             args.dp, args.tp, args.pp = lay.dp, lay.tp, lay.pp
             args.sp, args.microbatches, args.zero = lay.sequence_parallel, lay.microbatches, lay.zero1
             args.recompute = lay.recompute
@@ -57,6 +60,21 @@ def choose_layout(args, config, world: int) -> None:
         args.microbatches = args.pp
     if args.recompute is None:
         args.recompute = "none"
+    args.virtual_stages = getattr(args, "virtual_stages", None) or 1
+    if getattr(args, "schedule", None) is None:
+        args.schedule = "interleaved" if args.virtual_stages > 1 else "1f1b"
+
+
+def check_pipeline_schedule(config, schedule: str, pp: int, virtual_stages: int, microbatches: int) -> None:
+    """The schedule against the pipeline, the microbatches and the model's layers (ValueError
+    naming the flags and what would work)."""
+    from ..parallel.schedules import check_schedule, chunk_layers
+
+    try:
+        check_schedule(schedule, pp, virtual_stages, microbatches)
+        chunk_layers(config.layers, pp, virtual_stages, 0)
+    except ValueError as err:
+        raise ValueError(f"--schedule {schedule} --virtual-stages {virtual_stages}: {err}") from None
 
 
 def check_args(args, world: int):
@@ -72,6 +90,12 @@ def check_args(args, world: int):
         args.sp = False   # nothing to split over
     check_parallel_config(config, args.dp, args.tp, args.pp, args.sp, args.seq, args.microbatches,
                           args.global_batch)
+    check_pipeline_schedule(config, args.schedule, args.pp, args.virtual_stages, args.microbatches)
+    if args.virtual_stages > 1:
+        for flag in ("checkpoint_dir", "init_from", "eval_every"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--virtual-stages {args.virtual_stages}: --{flag.replace('_', '-')} does not "
+                                 "take interleaved chunks yet (it reads one stage per rank); drop one of them")
     if args.zero and args.dtype == "float64":
         # ZeroAdamW keeps float32 master weights and moments: float64 would be rounded to them.
         raise ValueError("--zero keeps float32 master weights, which would round a --dtype float64 run; "

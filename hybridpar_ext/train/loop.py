@@ -35,7 +35,7 @@ def run_rank(args) -> int:
 
 def _train(args, config, device, rank, world) -> int:
     from ..hardware import gpu_spec
-    from ..parallel import ideal_bubble
+    from ..parallel.schedules import formula_bubble
 
     trainer = Trainer(args, config, device)
     spec = gpu_spec(torch.cuda.get_device_name()) if device.type == "cuda" else None
@@ -50,12 +50,13 @@ def _train(args, config, device, rank, world) -> int:
             record = {"step": step, **trainer.step(step)}
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 record["eval_loss"] = trainer.evaluate()
-            record["ideal_bubble"] = ideal_bubble(args.pp, args.microbatches)
+            record["ideal_bubble"] = formula_bubble(args.schedule, args.pp, args.virtual_stages, args.microbatches)
             if device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if gpu_peak:
                 record["mfu"] = record["tokens_per_s"] * flops / (gpu_peak * world)
             record.update(layout=f"dp{args.dp} tp{args.tp} pp{args.pp}", sp=args.sp, dtype=args.dtype,
+                          schedule=args.schedule, virtual_stages=args.virtual_stages,
                           microbatches=args.microbatches, zero=args.zero, overlap=not args.no_overlap)
             records.append(record)
             log(record)

@@ -21,7 +21,8 @@ class Trainer:
 
     def __init__(self, args, config, device):
         from ..models import GPT
-        from ..parallel import GradientSync, PipelineSchedule, ZeroAdamW, init_mesh, parallelize
+        from ..parallel import GradientSync, PipelineSchedule, ZeroAdamW, build_stage, init_mesh, parallelize
+        from ..parallel.pipeline import build_chunks
         from ..parallel.clip import GradClipper
 
         self.args, self.config, self.device = args, config, device
@@ -32,11 +33,18 @@ class Trainer:
         full = GPT(config)   # the same full weights on every rank; each keeps its part
         # bf16 runs keep float32 parameters (the master weights) and compute in bf16.
         mixed = dtype == torch.bfloat16
-        self.stage = parallelize(full, self.mesh, sequence_parallel=args.sp, overlap=not args.no_overlap,
-                                 device=device, dtype=torch.float32 if mixed else dtype)
+        built = dict(sequence_parallel=args.sp, overlap=not args.no_overlap, device=device,
+                     dtype=torch.float32 if mixed else dtype)
+        virtual_stages = getattr(args, "virtual_stages", None) or 1
+        if virtual_stages > 1:   # interleaved: this rank's chunks, one module to what follows
+            self.stage = build_chunks(lambda ids, first, last: build_stage(full, self.mesh, ids, first, last, **built),
+                                      config.layers, args.pp, virtual_stages, self.mesh.pp_rank)
+        else:
+            self.stage = parallelize(full, self.mesh, **built)
         del full
         if mixed:
-            apply_mixed_precision(self.stage, dtype)
+            for chunk in (self.stage if virtual_stages > 1 else [self.stage]):
+                apply_mixed_precision(chunk, dtype)
         apply_recompute(self.stage, args.recompute)
         _perturb_gradient_for_tests(self.stage)
         self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap,
@@ -51,7 +59,8 @@ class Trainer:
         # --init-from / --resume fill the weights (and the optimizer, the step) here.
         self.checkpoints = TrainerCheckpoints(self)
         self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
-                                         no_sync=self.sync.no_sync)
+                                         no_sync=self.sync.no_sync, schedule=getattr(args, "schedule", None) or
+                                         ("interleaved" if virtual_stages > 1 else "1f1b"))
         if is_token_file(args.data):
             self.batches, self.eval_batches = train_and_eval_batches(args, config.vocab_size)
         else:

@@ -116,3 +116,66 @@ def test_interleaved_and_zero_bubble_match_one_process(layout):
     (dp, tp, pp), cases = LAYOUTS[layout]
     report = run_ranks(train_interleaved, dp * tp * pp, timeout=180, layout=layout)[0]
     assert len(report) == len(cases)
+
+
+# ------------------------------------------------------------------ through the trainer's flags
+TRAINER = ["--layers", "5", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "96", "--seq", "12",
+           "--global-batch", "8", "--steps", str(STEPS), "--lr", "3e-3", "--seed", "7", "--data", "synthetic",
+           "--vocab", "96"]
+TRAINER_CASES = [["--dp", "2", "--pp", "2", "--virtual-stages", "2", "--microbatches", "2", "--zero"],
+                 ["--tp", "2", "--pp", "2", "--schedule", "zero-bubble", "--microbatches", "2", "--sp"]]
+
+
+def train_with_flags(rank, world):
+    import torch.distributed as dist
+
+    from hybridpar_ext.models import GPT
+    from hybridpar_ext.train import Batches, Trainer, check_args, parse_args
+
+    out = []
+    for extra in TRAINER_CASES:
+        args = parse_args(TRAINER + extra)
+        config = check_args(args, world)
+        args.dtype = "float32"
+        trainer = Trainer(args, config, torch.device("cpu"))
+        losses = [trainer.step(step)["loss"] for step in range(1, STEPS + 1)]
+        if rank == 0:   # the same run in one process
+            torch.manual_seed(args.seed)
+            model = GPT(config)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            batches = Batches(args.data, config.vocab_size, args.seq, args.global_batch, args.seed)
+            for step, got in enumerate(losses, 1):
+                tokens = batches(step)
+                opt.zero_grad()
+                loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss.backward()
+                opt.step()
+                assert_close_to_reference(torch.tensor(got), torch.tensor(loss.item(), dtype=torch.float64),
+                                          torch.float32, f"[{' '.join(extra)}] loss of step {step}")
+            out.append(losses)
+        del trainer
+        dist.barrier()
+    return out
+
+
+def test_the_trainer_runs_interleaved_and_zero_bubble_from_its_flags():
+    assert len(run_ranks(train_with_flags, 4, timeout=180)[0]) == len(TRAINER_CASES)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pp", "2", "--virtual-stages", "2", "--microbatches", "3", "--global-batch", "6"],
+     r"--schedule interleaved --virtual-stages 2: .*microbatches \(m = 3\) must be a multiple of the pipeline "
+     r"stages \(p = 2\); try m = 2 or 4"),
+    (["--pp", "2", "--virtual-stages", "3", "--microbatches", "2"],
+     r"layers \(5\) must be at least pipeline stages x virtual stages = 2 x 3 = 6; try v <= 2"),
+    (["--virtual-stages", "2"], r"needs at least 2 pipeline stages \(p\), got 1"),
+    (["--pp", "2", "--schedule", "zero-bubble", "--virtual-stages", "2", "--microbatches", "2"],
+     r"schedule 'zero-bubble' runs one model chunk per rank"),
+])
+def test_the_trainer_refuses_schedules_that_cannot_run(extra, message):
+    from hybridpar_ext.train import check_args, parse_args
+
+    args = parse_args(TRAINER + extra)
+    world = int(extra[extra.index("--pp") + 1]) if "--pp" in extra else 1
+    with pytest.raises(ValueError, match=message):
+        check_args(args, world)
