@@ -123,6 +123,22 @@ def test_mixed_precision_weight(backend, device, kind):
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_float64_gradcheck(backend, device, kind):
+    # torch's own finite-difference check, at its default (float64) tolerances.
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+            for _ in range(2))
+    w, b = (torch.randn(2, 5, dtype=torch.float64, device=device, requires_grad=True)
+            for _ in range(2))
+    if kind == "layer_norm":
+        fn = lambda x, w, b, r: ops.layer_norm(x, w, b, 1e-5, r, normalized_shape=(2, 5))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    else:
+        fn = lambda x, w, r: ops.rms_norm(x, w, 1e-5, r, normalized_shape=(2, 5))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, r))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 def test_float64_runs_the_kernels(device, monkeypatch, kind):
     # The kernels compute in float64 for float64 inputs, so the backend sends them there.
     monkeypatch.setenv("HYBRIDPAR_BACKEND", "triton")
