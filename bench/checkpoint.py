@@ -4,7 +4,7 @@ user without them does: gather the whole state_dict on rank 0 and ``torch.save``
 load, ``torch.load`` it on every rank and cut each rank's part).
 
 The state is a GPT stage's parameters and AdamW's two moments, under dp2 x tp2 on gloo (4
-processes; on a GPU machine NCCL with a gloo group for the checkpoint). Times are medians of a
+processes on gloo, the checkpoint on a gloo group of its own). Times are medians of a
 few repeats on rank 0, bytes are the files each rank wrote. On a CPU the 4 processes share the
 machine's cores and the disk is whatever the temporary directory is on: the ratios are what to
 read.
@@ -23,7 +23,7 @@ REPEATS = 3
 
 
 def _dir_bytes(path) -> dict:
-    """Bytes of each rank's DCP data file (``__{rank}_0.distcp``) and of the metadata."""
+    """Bytes of each rank's DCP data file (``__{rank}_0.distcp``)."""
     out = {}
     for name in os.listdir(path):
         full = os.path.join(path, name)

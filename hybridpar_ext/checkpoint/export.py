@@ -15,6 +15,7 @@ such a directory, each rank reading only its own segments.
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,12 +31,22 @@ HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
+def is_hf_config(config) -> bool:
+    """A Hugging Face config (not our GPTConfig; both may be dataclasses)."""
+    return hasattr(config, "model_type") and hasattr(config, "to_dict")
+
+
 def model_description(config) -> dict:
     """The model a checkpoint belongs to, as JSON: our GPT's config, or what fixes the shapes
     of a Hugging Face model's tensors."""
-    if dataclasses.is_dataclass(config):
-        return {"kind": "gpt", "config": dataclasses.asdict(config)}
-    return hf_description(config.to_dict())
+    if is_hf_config(config):
+        return hf_description(config.to_dict())
+    return {"kind": "gpt", "config": dataclasses.asdict(config)}
+
+
+def hf_config_dict(config) -> dict:
+    """A Hugging Face config as the ``config.json`` that ``from_pretrained`` reads back."""
+    return dict(config.to_dict(), model_type=config.model_type)
 
 
 def hf_description(config: dict) -> dict:
@@ -66,7 +77,9 @@ def consolidated_state_dict(path) -> dict:
     saved = reader.read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in saved.items()
                if k.startswith(MODEL) and isinstance(md, TensorStorageMetadata)}
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
     return {k[len(MODEL):]: v for k, v in tensors.items()}
 
 
@@ -126,5 +139,5 @@ def load_export(path, stage, optimizer=None) -> None:
                 master.copy_(p.detach().reshape(-1)[start:start + master.numel()])
 
 
-__all__ = ["consolidated_state_dict", "export_checkpoint", "hf_description", "load_export", "model_description",
+__all__ = ["consolidated_state_dict", "export_checkpoint", "hf_config_dict", "hf_description", "is_hf_config", "load_export", "model_description",
            "read_export_config"]

@@ -10,10 +10,9 @@ under another dp sees exactly the batches the uninterrupted run would have seen;
 data flags are checked to be the saved run's.
 """
 
-import dataclasses
 from pathlib import Path
 
-from ..checkpoint.export import model_description
+from ..checkpoint.export import hf_config_dict, is_hf_config, model_description
 
 # Flags that decide which batch k is: a resumed run must keep them.
 DATA_FLAGS = ("seed", "data", "global_batch", "seq")
@@ -122,7 +121,7 @@ class TrainerCheckpoints:
             state = {"step": step, "lr_schedule": trainer.lr_schedule.state_dict(),
                      "data": {"next_batch": step + 1, **{f: _data_value(args, f) for f in DATA_FLAGS}}}
             info = {"model": model_description(trainer.config), "data": state["data"],
-                    **({} if dataclasses.is_dataclass(trainer.config) else {"hf_config": trainer.config.to_dict()}),
+                    **({"hf_config": hf_config_dict(trainer.config)} if is_hf_config(trainer.config) else {}),
                     "layout": {"dp": args.dp, "tp": args.tp, "pp": args.pp, "sp": args.sp, "zero": args.zero,
                                "microbatches": args.microbatches}}
             self.checkpointer.save(step, trainer.stage, trainer.optimizer, trainer.mesh, state, info)
