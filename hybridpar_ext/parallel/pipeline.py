@@ -129,7 +129,7 @@ class PipelineSchedule:
     """Runs forward and backward of `m` microbatches through the stages of a pipeline, in the
     order of a schedule of :mod:`.schedules`.
 
-    ``module`` is this rank's stage (a :class:`ParallelGPT` or anything with ``is_first``,
+    ``module`` is this rank's stage (a :class:`~hybridpar_ext.parallel.GPTStage` or anything with ``is_first``,
     ``is_last``, ``forward``, ``loss`` and ``activation_shape``), or with ``v`` virtual stages per
     rank the list of its ``v`` model chunks, chunk ``k`` being virtual stage ``k p + rank``.
     A stage returns a tensor (the last: what ``loss`` takes) or a tuple of tensors of one shape,
@@ -137,11 +137,11 @@ class PipelineSchedule:
     ``pp_group`` links the ranks. ``schedule``: ``"1f1b"``, ``"interleaved"``, ``"zero-bubble"``
     (its W actions run the weight gradients that layers calling
     :func:`~hybridpar_ext.parallel.weight_grad.deferrable_linear` deferred; other parameters get
-    theirs in B), or every rank's
-    list of :class:`~hybridpar_ext.parallel.schedules.Action` (the same on every rank; checked
-    by the simulator, whose :class:`ScheduleError` is a ValueError). Every backward
-    but the last of each chunk runs inside ``no_sync`` (gradient accumulation with one
-    data-parallel reduction per step, each bucket starting once its chunks are done).
+    theirs in B), or every rank's list of :class:`~hybridpar_ext.parallel.schedules.Action`
+    (the same on every rank; checked by the simulator, whose :class:`ScheduleError` is a
+    ValueError). Every backward but the last of each chunk runs inside ``no_sync`` (gradient
+    accumulation with one data-parallel reduction per step, each bucket starting once its
+    chunks are done). Constructing one is a collective over ``pp_group``.
     """
 
     def __init__(self, module, pp_group, num_microbatches: int, no_sync: Callable = None,
@@ -171,8 +171,9 @@ class PipelineSchedule:
         self.actions: List[Action] = lists[self.rank]
         # The last backward of each chunk (the last B and the last W when split): it runs with
         # the data-parallel reduction on, so a bucket starts once its parameters are done.
+        last_of = (("BW", "W"), ("B",)) if self.store is not None else (("BW",),)
         self.syncs = {max(j for j, a in enumerate(self.actions) if a.op in ops and a.chunk == k)
-                      for k in range(self.v) for ops in ((("BW", "W"), ("B",)) if self.store is not None else (("BW",),))}
+                      for k in range(self.v) for ops in last_of}
         # What each peer sends this rank, in the order it sends it.
         self.incoming = {r: [] for r in range(self.p) if r != self.rank}
         for r, actions in enumerate(lists):
@@ -182,6 +183,11 @@ class PipelineSchedule:
                     self.incoming[r].append(("act", s + 1, a.microbatch))
                 elif a.op in ("B", "BW") and s > 0 and rank_and_chunk(s - 1, self.p)[0] == self.rank:
                     self.incoming[r].append(("grad", s - 1, a.microbatch))
+        if self.p > 1:
+            # Every rank of the group meets once before the first batched point-to-point, which
+            # NCCL asks of a group's first operation (a step's first batch has only some ranks).
+            like = next(chunks[0].parameters())
+            dist.all_reduce(torch.zeros(1, device=like.device, dtype=like.dtype), group=pp_group)
 
     # --------------------------------------------------------------- point to point
     def _peer(self, rank: int) -> int:
