@@ -92,7 +92,7 @@ def check_args(args, world: int):
                           args.global_batch)
     check_pipeline_schedule(config, args.schedule, args.pp, args.virtual_stages, args.microbatches)
     if args.virtual_stages > 1:
-        for flag in ("checkpoint_dir", "init_from", "eval_every"):
+        for flag in ("checkpoint_dir", "init_from"):
             if getattr(args, flag, None):
                 raise ValueError(f"--virtual-stages {args.virtual_stages}: --{flag.replace('_', '-')} does not "
                                  "take interleaved chunks yet (it reads one stage per rank); drop one of them")

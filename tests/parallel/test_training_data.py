@@ -1,5 +1,5 @@
 """Training from a token file and evaluating on its held-out tail, through a pipeline (forward
-only) and over data-parallel ranks, against the plain GPT in one process reading the same
+only; one stage per rank, or two interleaved chunks) and over data-parallel ranks, against the plain GPT in one process reading the same
 batches: the loss of every step and the eval loss after the last."""
 
 import numpy as np
@@ -8,10 +8,11 @@ import torch
 
 from hybridpar_ext.testing import assert_close_to_reference, run_ranks
 
-BASE = ["--layers", "3", "--hidden", "48", "--heads", "2", "--kv-heads", "1", "--ffn", "80", "--seq", "10",
+BASE = ["--layers", "4", "--hidden", "48", "--heads", "2", "--kv-heads", "1", "--ffn", "80", "--seq", "10",
         "--vocab", "300", "--global-batch", "4", "--steps", "2", "--lr", "3e-3", "--seed", "5",
         "--eval-every", "2", "--eval-batches", "3", "--eval-fraction", "0.2"]
-LAYOUTS = [["--dp", "2", "--pp", "2"], ["--tp", "2", "--sp", "--pp", "2", "--microbatches", "4"]]
+LAYOUTS = [["--dp", "2", "--pp", "2"], ["--tp", "2", "--sp", "--pp", "2", "--microbatches", "4"],
+           ["--dp", "2", "--pp", "2", "--virtual-stages", "2", "--microbatches", "2"]]
 
 
 def _reference(args, config):
