@@ -1,6 +1,6 @@
 """Interleaved 1F1B end to end: each pipeline rank holds two chunks of the GPT (layers dealt to
 the p v virtual stages, unevenly where they do not divide), and ZB-H1 on one chunk, with data
-or tensor parallelism mixed in, trained for 3 steps against the same GPT in one process: the loss of every step
+or tensor parallelism mixed in (and a Hugging Face LLaMA and Qwen2 under tensor parallelism), trained for 3 steps against the same GPT in one process: the loss of every step
 within float32 tolerance and every gradient of the first step elementwise (gathered back to
 full shape). As in test_hybrid_parity, gradients are compared before the first update only;
 the later losses check the updates."""
@@ -179,3 +179,89 @@ def test_the_trainer_refuses_schedules_that_cannot_run(extra, message):
     world = int(extra[extra.index("--pp") + 1]) if "--pp" in extra else 1
     with pytest.raises(ValueError, match=message):
         check_args(args, world)
+
+
+# ------------------------------------------------------------------ a Hugging Face decoder
+# (family, kv heads, tied, layers, microbatches, sp, virtual stages) on tp2 x pp2: LLaMA with its
+# embedding tied across the first and last chunks, interleaved; Qwen2 (qkv biases) under ZB-H1.
+HF_CASES = [("llama", 1, True, 5, 2, True, 2), ("qwen2", 2, False, 3, 4, False, 1)]
+
+
+def hf_model(family, kv_heads, tied, layers, seed):
+    import transformers
+
+    config_class = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
+    config = config_class(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                          tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():   # norms off their init, so that a wrong split of them would show
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def train_hf(rank, world):
+    import torch.distributed as dist
+
+    from hybridpar_ext.parallel import GradientSync, gather_state_dict, init_mesh
+    from hybridpar_ext.parallel.pipeline import PipelineSchedule, build_chunks
+    from hybridpar_ext.parallel.plans.llama import build_decoder_stage
+
+    mesh = init_mesh(dp=1, tp=2, pp=2)
+    out = []
+    for i, (family, kv, tied, layers, m, sp, v) in enumerate(HF_CASES):
+        label, seed = f"{family} v{v} m{m}" + (" sp" if sp else ""), 21 + i
+        model = hf_model(family, kv, tied, layers, seed)
+        chunks = build_chunks(lambda ids, first, last: build_decoder_stage(model, mesh, ids, first, last,
+                                                                           sequence_parallel=sp),
+                              layers, 2, v, mesh.pp_rank)
+        sync = GradientSync(chunks, mesh.dp_group)
+        opt = torch.optim.AdamW(chunks.parameters(), lr=LR, weight_decay=WD)
+        pipe = PipelineSchedule(chunks, mesh.pp_group, m, no_sync=sync.no_sync,
+                                schedule="interleaved" if v > 1 else "zero-bubble")
+        losses, grads = [], None
+        for step in range(1, STEPS + 1):
+            tokens = batch(step, 101)
+            opt.zero_grad()
+            stats = pipe.step(list(tokens[:, :-1].chunk(m)), list(tokens[:, 1:].chunk(m)))
+            sync.finish()
+            chunks.finish_grads()
+            if grads is None:
+                grads = {}
+                for chunk in chunks:
+                    grads.update(gather_state_dict(chunk, mesh, tensors={
+                        n: p.grad.detach().clone() for n, p in chunk.named_parameters(remove_duplicate=False)}))
+            opt.step()
+            total = torch.tensor([stats.loss if chunks.is_last and mesh.tp_rank == 0 else 0.0], dtype=torch.float64)
+            dist.all_reduce(total)
+            losses.append(total.item())
+        if rank == 0:   # the plain model in one process
+            plain = hf_model(family, kv, tied, layers, seed)
+            ref_opt = torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=WD)
+            for step in range(1, STEPS + 1):
+                tokens = batch(step, 101)
+                ref_opt.zero_grad()
+                logits = plain(tokens[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                loss.backward()
+                if step == 1:
+                    ref = {n: p.grad for n, p in plain.named_parameters(remove_duplicate=False)}
+                    assert set(grads) == set(ref), f"[{label}] {sorted(set(grads) ^ set(ref))}"
+                    for name, g in ref.items():
+                        assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
+                ref_opt.step()
+                expected = torch.tensor(loss.item(), dtype=torch.float64)
+                assert_close_to_reference(torch.tensor(losses[step - 1]), expected, torch.float32,
+                                          f"[{label}] loss of step {step}")
+            out.append(label)
+        del pipe, opt, sync, chunks
+        dist.barrier()
+    return out
+
+
+def test_a_hugging_face_decoder_interleaved_and_zero_bubble_matches_one_process():
+    pytest.importorskip("transformers")
+    assert len(run_ranks(train_hf, 4, timeout=180)[0]) == len(HF_CASES)
