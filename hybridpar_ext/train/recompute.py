@@ -7,8 +7,11 @@
   work between them (the norms and their residual adds, RoPE, the GELU or SiLU-times-up) in
   backward. torch's selective activation checkpointing decides op by op from a policy; our
   attention and overlap ops are ``torch.library`` custom ops, so the policy can name them.
-  Collectives issued in forward (a tensor-parallel all-reduce, say) are kept too, never
-  reissued: recomputation must not add communication.
+  The policy names c10d's collectives too, but a collective called in place (the
+  tensor-parallel all-reduce of a row-parallel output without sequence parallelism) is rerun
+  by the recomputation like any mutation, exactly as under ``full``: one all-reduce per layer
+  and step more (the layer's last one is never recomputed: torch stops the recomputation once
+  it has what backward needs). Every rank reruns the same ones in the same order.
 
 The wrapping replaces each layer's ``forward`` on the instance, so module names, parameters and
 state_dict keys stay as they are (checkpoints and the shard specs see the same model).
