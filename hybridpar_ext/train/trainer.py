@@ -47,8 +47,11 @@ class Trainer:
                 apply_mixed_precision(chunk, dtype)
         apply_recompute(self.stage, args.recompute)
         _perturb_gradient_for_tests(self.stage)
+        # float64 runs (the exact layout comparison) reduce in float64: a float32 reduction would
+        # round their gradients by ~1e-8 and make them differ from one process.
+        reduce_dtype = torch.float64 if dtype == torch.float64 else getattr(torch, args.grad_reduce_dtype)
         self.sync = GradientSync(self.stage, self.mesh.dp_group, zero=args.zero, overlap=not args.no_overlap,
-                                 reduce_dtype=getattr(torch, args.grad_reduce_dtype))
+                                 reduce_dtype=reduce_dtype)
         if args.zero:
             self.optimizer = ZeroAdamW(self.sync, lr=args.lr, weight_decay=args.weight_decay)
         else:
