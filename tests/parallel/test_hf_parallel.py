@@ -9,7 +9,8 @@ compared elementwise).
 The cases cover, rather than cross, the dimensions: every layout of the issue; each of the
 three families in several layouts; kv heads fewer than TP (replicated), equal to it and more;
 tied embeddings on one stage and across stages; sequence parallelism; ZeRO-1; one and several
-microbatches; an odd vocabulary (padded under TP); 3 layers, split unevenly over 2 stages.
+microbatches; an odd vocabulary (padded under TP); an embedding padding_idx (Qwen2 cases); 3
+layers, split unevenly over 2 stages.
 """
 
 import pytest
@@ -21,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 STEPS, SEQ, BATCH, LR, WD = 3, 12, 8, 3e-3, 0.01
 LOAD_FROM_DIRECTORY = (1, 2, 2)   # where the stages are also read from a save_pretrained directory
+PAD = 3   # Qwen2's pad_token_id here: every batch holds it, in both halves of the sequence (SP)
 
 # (family, kv heads, tied, sp, zero, microbatches) per layout (dp, tp, pp).
 CASES = {
@@ -40,8 +42,8 @@ def tiny_config(family, kv_heads, tied):
                   tie_word_embeddings=tied, rms_norm_eps=1e-5)
     if family == "llama":
         return transformers.LlamaConfig(**common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common)   # q/k/v biases
+    if family == "qwen2":   # q/k/v biases; a padding token, whose embedding row gets no gradient
+        return transformers.Qwen2Config(**common, pad_token_id=PAD)
     return transformers.MistralConfig(**common, sliding_window=5)   # shorter than SEQ
 
 
@@ -59,7 +61,11 @@ def plain_model(config, seed):
 
 def batches(vocab, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+    out = [torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+    for tokens in out:
+        tokens[::2, 4] = PAD
+        tokens[1::2, 9] = PAD
+    return out
 
 
 def reference_run(config, seed):
@@ -199,3 +205,22 @@ def test_configs_the_layout_cannot_split_are_refused():
         layout = {"dp": 1, "tp": 1, "pp": 1, "sp": False, "seq": None, **layout}
         with pytest.raises(ValueError, match=message):
             check_decoder_config(config, layout["dp"], layout["tp"], layout["pp"], layout["sp"], layout["seq"])
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_gpt2_sized_vocabulary_splits_and_merges_invisibly(tp):
+    """50257 rows padded to a multiple of tp: every rank's embedding and head slices, merged,
+    are the plain tensors (the padding dropped), from the plan's specs on Hugging Face names."""
+    from hybridpar_ext.parallel import merge_tensors_by_specs, plan_specs, shard_tensor
+    from hybridpar_ext.parallel.plans.llama import decoder_plan
+
+    config = transformers.LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    weights = {"model.embed_tokens.weight": torch.randn(50257, 32), "lm_head.weight": torch.randn(50257, 32)}
+    shapes = {n: tuple(t.shape) for n, t in weights.items()}
+    specs = [plan_specs(decoder_plan(config), shapes, tp, r) for r in range(tp)]
+    for name, full in weights.items():
+        parts = [shard_tensor(full, s[name]) for s in specs]
+        assert {p.shape[0] for p in parts} == {-(-50257 // tp)}
+        assert sum(s[name].padding for s in specs) == -(-50257 // tp) * tp - 50257
+        assert torch.equal(merge_tensors_by_specs(parts, [s[name] for s in specs]), full)

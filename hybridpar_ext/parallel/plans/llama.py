@@ -195,17 +195,20 @@ def _our_norms(module, norm_class):
                 setattr(parent, name, ours)
 
 
-class _PaddingRowGradZero:
-    """The gradient of an embedding's ``padding_idx`` row is zero (torch.nn.Embedding's rule),
-    kept on the rank whose vocabulary slice holds it."""
+class _PaddingTokensNoGrad:
+    """Forward hook of the parallel embedding: the positions holding ``padding_idx`` pass their
+    embedding on without a gradient, so that row gets none from them (torch.nn.Embedding's rule;
+    a head tied to the embedding still trains it). Under sequence parallelism the output is this
+    rank's slice of the sequence, and so is the mask."""
 
-    def __init__(self, local_row):
-        self.local_row = local_row
+    def __init__(self, padding_idx, sequence_parallel, tp, tp_rank):
+        self.padding_idx, self.sequence_parallel, self.tp, self.tp_rank = padding_idx, sequence_parallel, tp, tp_rank
 
-    def __call__(self, grad):
-        grad = grad.clone()
-        grad[self.local_row] = 0
-        return grad
+    def __call__(self, module, args, output):
+        padding = args[0] == self.padding_idx
+        if self.sequence_parallel:
+            padding = padding.chunk(self.tp, dim=SEQ_DIM)[self.tp_rank]
+        return torch.where(padding.unsqueeze(-1), output.detach(), output)
 
 
 class _Container(torch.nn.Module):
@@ -249,8 +252,8 @@ class DecoderStage(torch.nn.Module):
         if self.is_first:
             embed = dense.model.embed_tokens
             padding_idx = embed.padding_idx
-            # The parallel embedding takes no padding_idx: its one effect in training (a zero
-            # gradient for that row) is kept by a hook below.
+            # The parallel embedding takes no padding_idx: its one effect in training (no
+            # gradient through the lookups of that token) is kept by a hook below.
             embed.padding_idx = None
             self.model.embed_tokens = embed
         self.model.layers = torch.nn.ModuleDict({str(i): dense.model.layers[i] for i in layer_ids})
@@ -274,9 +277,8 @@ class DecoderStage(torch.nn.Module):
             # counted once (on the first stage), read from the embedding's name when loading.
             set_shard_specs(self.lm_head, {"weight": with_tied(spec_of(self.lm_head, "weight"), EMBEDDING)})
         if padding_idx is not None:
-            embed = self.model.embed_tokens
-            if embed.vocab_start <= padding_idx < embed.vocab_end:
-                embed.weight.register_hook(_PaddingRowGradZero(padding_idx - embed.vocab_start))
+            self.model.embed_tokens.register_forward_hook(
+                _PaddingTokensNoGrad(padding_idx, sequence_parallel, mesh.tp, mesh.tp_rank))
 
     # The gradient sums that tensor parallelism and a tied embedding across stages owe, and
     # which parameters a sharded optimizer must see whole: the same rules as our GPT's stage,
