@@ -21,10 +21,9 @@ MAX_NORM = 0.05   # well below the first step's norm, so every case really clips
 def cases(dp, tp, pp):
     zero = ["--zero"] if dp > 1 else []
     sp = ["--sp"] if tp > 1 else []
-    return [
-        ["--kv-heads", "1", "--norm", "rmsnorm", "--mlp", "swiglu", "--microbatches", str(pp)] + zero + sp,
-        ["--kv-heads", "2", "--untied", "--microbatches", "4", "--data", "synthetic", "--vocab", "96"],
-    ]
+    # One case per layout, every sharing rule at once: a kv head replicated over tp 2, the tied
+    # embedding on two stages, SP norms, ZeRO-1 slices, and 4 microbatches accumulated.
+    return [["--kv-heads", "1", "--norm", "rmsnorm", "--mlp", "swiglu", "--microbatches", "4"] + zero + sp]
 
 
 def _reference_clipped(args, config):
