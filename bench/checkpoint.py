@@ -3,7 +3,7 @@ asynchronous: how long training is held, and how long until the write is done) a
 user without them does: gather the whole state_dict on rank 0 and ``torch.save`` it (and to
 load, ``torch.load`` it on every rank and cut each rank's part).
 
-The state is a GPT stage's parameters and AdamW's two moments, under dp2 x tp2 on gloo (4
+The state is a GPT stage's parameters and AdamW's two moments, under dp2 x tp2 (4
 processes on gloo, the checkpoint on a gloo group of its own). Times are medians of a
 few repeats on rank 0, bytes are the files each rank wrote. On a CPU the 4 processes share the
 machine's cores and the disk is whatever the temporary directory is on: the ratios are what to

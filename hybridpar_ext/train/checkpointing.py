@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ..checkpoint.export import hf_config_dict, is_hf_config, model_description
 
-# Flags that decide which batch k is: a resumed run must keep them.
-DATA_FLAGS = ("seed", "data", "global_batch", "seq")
+# Flags that decide which batch k is: a resumed run must keep them (the token-file flags where
+# the trainer has them).
+DATA_FLAGS = ("seed", "data", "global_batch", "seq", "data_dtype", "eval_data", "eval_fraction")
 
 
 def add_checkpoint_arguments(p) -> None:
@@ -73,8 +74,8 @@ def check_checkpoint_flags(args, config) -> None:
 
 
 def _data_value(args, flag):
-    value = getattr(args, flag)
-    return str(Path(value).resolve()) if flag == "data" and value != "synthetic" else value
+    value = getattr(args, flag, None)
+    return str(Path(value).resolve()) if flag in ("data", "eval_data") and value not in (None, "synthetic") else value
 
 
 def _check_export(path, config) -> None:
@@ -108,7 +109,8 @@ class TrainerCheckpoints:
             state = self.checkpointer.load(path, trainer.stage, trainer.optimizer, trainer.mesh)
             trainer.lr_schedule.load_state_dict(state["lr_schedule"])
             self.start = state["data"]["next_batch"]
-            self.resumed_from = step
+            if trainer.mesh.dp_rank == 0 and trainer.mesh.pp_rank == 0 and trainer.mesh.tp_rank == 0:
+                print(f"resumed from {path} (step {step}): training steps {self.start}..{args.steps}", flush=True)
 
     def after_step(self, step: int) -> None:
         """Save after `step` if it is due (every --save-every steps, and the last step)."""

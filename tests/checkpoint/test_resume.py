@@ -1,5 +1,5 @@
 """Resume under another layout: 6 steps under dp2 x tp2 saving at step 3; resumed from that
-checkpoint under tp2 x pp2 with ZeRO-1, dp2 x pp2 with ZeRO-1 over 4 microbatches, and
+checkpoint under tp2 (SP) x pp2 with ZeRO-1, dp2 x pp2 with ZeRO-1 over 4 microbatches, and
 dp1 tp1 pp2, steps 4-6 have the uninterrupted run's losses within fp32 tolerance. The
 optimizer's moments and step, the LR schedule (warm-up then cosine) and the data position all
 have to come back for that: a resume that lost any of them drifts at step 4."""
@@ -44,7 +44,7 @@ def train_save_and_resume(rank, world, directory):
     if rank == 0:   # resume from step 3: the run's last checkpoint (step 6) goes
         shutil.rmtree(f"{directory}/step_00000006")
     dist.barrier()
-    for label, flags in (("tp2 pp2 zero", ["--tp", "2", "--pp", "2", "--zero"]),
+    for label, flags in (("tp2 sp pp2 zero", ["--tp", "2", "--sp", "--pp", "2", "--zero"]),
                          ("dp2 pp2 zero m4", ["--dp", "2", "--pp", "2", "--zero", "--microbatches", "4"])):
         out[label] = _train(flags + ["--checkpoint-dir", directory, "--resume"], world)
     return out
