@@ -10,7 +10,7 @@ The cases cover, rather than cross, the dimensions: every layout of the issue; e
 three families in several layouts; kv heads fewer than TP (replicated), equal to it and more;
 tied embeddings on one stage and across stages; sequence parallelism; ZeRO-1; one and several
 microbatches; an odd vocabulary (padded under TP); an embedding padding_idx (Qwen2 cases); 3
-layers, split unevenly over 2 stages.
+layers, split unevenly over 2 stages; interleaved 1F1B (5 layers in 2 chunks per rank).
 """
 
 import pytest
@@ -24,20 +24,21 @@ STEPS, SEQ, BATCH, LR, WD = 3, 12, 8, 3e-3, 0.01
 LOAD_FROM_DIRECTORY = (1, 2, 2)   # where the stages are also read from a save_pretrained directory
 PAD = 3   # Qwen2's pad_token_id here: every batch holds it, in both halves of the sequence (SP)
 
-# (family, kv heads, tied, sp, zero, microbatches) per layout (dp, tp, pp).
+# (family, kv heads, tied, sp, zero, microbatches[, virtual stages]) per layout (dp, tp, pp).
 CASES = {
     (2, 1, 1): [("llama", 2, True, False, True, 1), ("mistral", 4, False, False, False, 2)],
     (1, 2, 1): [("llama", 1, False, True, False, 1), ("qwen2", 2, True, False, False, 2)],
-    (1, 1, 2): [("qwen2", 2, True, False, False, 2), ("mistral", 1, False, False, False, 4)],
+    (1, 1, 2): [("qwen2", 2, True, False, False, 2), ("mistral", 1, False, False, False, 4),
+                ("llama", 2, True, False, False, 4, 2)],   # interleaved: 2 chunks per rank
     (2, 2, 1): [("mistral", 1, True, True, True, 1)],
     (1, 2, 2): [("llama", 1, True, True, False, 2)],
     (2, 2, 2): [("qwen2", 1, True, True, True, 2)],
 }
 
 
-def tiny_config(family, kv_heads, tied):
+def tiny_config(family, kv_heads, tied, layers=3):
     """head_dim 16 (4 heads), an FFN of 96 and a vocabulary of 101 (odd: padded under TP)."""
-    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                   tie_word_embeddings=tied, rms_norm_eps=1e-5)
     if family == "llama":
@@ -84,19 +85,36 @@ def reference_run(config, seed):
     return losses, grads
 
 
-def parallel_run(config, seed, mesh, sp, zero, m):
-    """3 steps of this rank's stage; returns (losses, gathered first-step grads, gathered initial state)."""
+def parallel_run(config, seed, mesh, sp, zero, m, v=1):
+    """3 steps of this rank's stage (or its `v` interleaved chunks); returns (losses, gathered
+    first-step grads, gathered initial state)."""
     import torch.distributed as dist
 
     from hybridpar_ext.parallel import GradientSync, PipelineSchedule, ZeroAdamW, gather_state_dict
-    from hybridpar_ext.parallel.plans.llama import parallelize_decoder
+    from hybridpar_ext.parallel.pipeline import build_chunks
+    from hybridpar_ext.parallel.plans.llama import build_decoder_stage, parallelize_decoder
 
-    stage = parallelize_decoder(plain_model(config, seed), mesh, sequence_parallel=sp)
-    initial = gather_state_dict(stage, mesh)
+    model = plain_model(config, seed)
+    if v == 1:
+        stage = parallelize_decoder(model, mesh, sequence_parallel=sp)
+        parts = [stage]
+    else:
+        stage = build_chunks(lambda ids, first, last: build_decoder_stage(model, mesh, ids, first, last, sp),
+                             config.num_hidden_layers, mesh.pp, v, mesh.pp_rank)
+        parts = list(stage)
+
+    def gathered(tensors_of):   # chunk k of every rank, gathered; then all chunks together
+        out = {}
+        for part in parts:
+            out.update(gather_state_dict(part, mesh, tensors=tensors_of(part)))
+        return out
+
+    initial = gathered(lambda part: None)
     sync = GradientSync(stage, mesh.dp_group, zero=zero)
     opt = ZeroAdamW(sync, lr=LR, weight_decay=WD) if zero else torch.optim.AdamW(
         stage.parameters(), lr=LR, weight_decay=WD)
-    schedule = PipelineSchedule(stage, mesh.pp_group, m, no_sync=sync.no_sync)
+    schedule = PipelineSchedule(stage, mesh.pp_group, m, no_sync=sync.no_sync,
+                                schedule="interleaved" if v > 1 else "1f1b")
     share = BATCH // mesh.dp
     losses, grads = [], None
     for tokens in batches(config.vocab_size, seed):
@@ -107,8 +125,8 @@ def parallel_run(config, seed, mesh, sp, zero, m):
         stage.finish_grads()
         if grads is None:
             averaged = sync.averaged_grads()
-            grads = gather_state_dict(stage, mesh, tensors={
-                n: averaged[p].detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)})
+            grads = gathered(lambda part: {n: averaged[p].detach().clone()
+                                           for n, p in part.named_parameters(remove_duplicate=False)})
         opt.step()
         counts = stage.is_last and mesh.tp_rank == 0
         loss = torch.tensor([stats.loss if counts else 0.0], dtype=torch.float64)
@@ -142,10 +160,12 @@ def train_and_compare(rank, world, dp, tp, pp, tmp):
 
     mesh = init_mesh(dp=dp, tp=tp, pp=pp, device_type="cpu")
     report = []
-    for i, (family, kv, tied, sp, zero, m) in enumerate(CASES[(dp, tp, pp)]):
-        label = f"{family} kv{kv}{' tied' if tied else ''}{' sp' if sp else ''}{' zero' if zero else ''} m{m}"
-        config, seed = tiny_config(family, kv, tied), 11 + i
-        losses, grads, initial = parallel_run(config, seed, mesh, sp, zero, m)
+    for i, (family, kv, tied, sp, zero, m, *v) in enumerate(CASES[(dp, tp, pp)]):
+        v = v[0] if v else 1
+        label = (f"{family} kv{kv}{' tied' if tied else ''}{' sp' if sp else ''}{' zero' if zero else ''} m{m}"
+                 + (f" v{v}" if v > 1 else ""))
+        config, seed = tiny_config(family, kv, tied, layers=3 if v == 1 else 5), 11 + i
+        losses, grads, initial = parallel_run(config, seed, mesh, sp, zero, m, v)
         if (dp, tp, pp) == LOAD_FROM_DIRECTORY:
             check_loading_from_directory(config, seed, mesh, sp, tmp, label)
         if rank == 0:
