@@ -10,8 +10,9 @@ squares of the elements it *owns* — one replica of each — and one all-reduce
 adds the stages, TP ranks and DP ranks up.
 
 Which elements a rank owns is :func:`owned_mask`: per parameter ``True`` (all of it), ``False``
-(none) or a boolean mask broadcastable to it. It is the one place that knows how the layers are
-split; :func:`grad_norm` itself only takes (gradient, owned) pairs.
+(none) or a boolean mask broadcastable to it, read from the shard specs
+(:mod:`hybridpar_ext.parallel.spec`); :func:`grad_norm` itself only takes (gradient, owned)
+pairs.
 """
 
 import torch
@@ -23,14 +24,16 @@ from .spec import shard_specs
 
 def owned_mask(stage, param):
     """Whether this rank counts `param`'s gradient in the global norm, over TP and PP (DP is the
-    caller's: see :func:`stage_grad_entries`). ``True``, ``False`` or a bool mask tensor: read
+    caller's: see :class:`GradClipper`). ``True``, ``False`` or a bool mask tensor: read
     from the parameter's shard spec (replica 0 of each segment counts; padding and the last
     stage's copy of a tied embedding do not)."""
+    return owned_masks(stage)[param]
+
+
+def owned_masks(stage) -> dict:
+    """:func:`owned_mask` of every parameter of `stage` (the specs read once)."""
     specs = shard_specs(stage)
-    for name, p in stage.named_parameters():
-        if p is param:
-            return specs[name].counted_mask(param.device)
-    raise ValueError("owned_mask: the parameter is not one of the stage's")
+    return {p: specs[name].counted_mask(p.device) for name, p in stage.named_parameters()}
 
 
 class GradClipper:
@@ -44,7 +47,8 @@ class GradClipper:
 
     def __init__(self, stage, sync, owned=None):
         self.stage, self.sync = stage, sync
-        owned = owned or (lambda p: owned_mask(stage, p))
+        masks = None if owned else owned_masks(stage)
+        owned = owned or masks.__getitem__
         self.dp_rank = dist.get_rank(sync.dp_group)
         self.owned = {p: owned(p) for p in sync.whole + sync.sliced}
         self.scattered = [r for r in sync.reducers if r.reduce_scatter]
