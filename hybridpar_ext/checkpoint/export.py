@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .state import MODEL
+from .state import MODEL, _modules
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 GPT_MARK = "hybridpar_model"
@@ -130,7 +130,7 @@ def load_export(path, stage, optimizer=None) -> None:
     from ..parallel.data import ZeroAdamW
     from ..parallel.loading import load_safetensors
 
-    for module in (stage if isinstance(stage, (list, tuple)) else [stage]):
+    for module in _modules(stage):
         load_safetensors(module, path)
     if isinstance(optimizer, ZeroAdamW):
         from .state import zero_ranges

@@ -34,7 +34,8 @@ STEP_KEY = OPTIM + "step"
 
 
 def _modules(stage) -> list:
-    return list(stage) if isinstance(stage, (list, tuple)) else [stage]
+    """A rank's model chunks (interleaved pipelines hold several, in a ModuleList), or its stage."""
+    return list(stage) if isinstance(stage, (list, tuple, torch.nn.ModuleList)) else [stage]
 
 
 def stage_params(stage):

@@ -32,6 +32,12 @@ def add_checkpoint_arguments(p) -> None:
                     help="start from the weights of `python -m hybridpar_ext export` (a directory)")
 
 
+def _described(args, config):
+    """The config a checkpoint describes: ``--model PATH``'s Hugging Face config where the run
+    has one (its parameters keep Hugging Face's names), else the GPT's."""
+    return getattr(args, "hf_config", None) or config
+
+
 def check_checkpoint_flags(args, config) -> None:
     """The checkpoint flags against each other and against what DIR holds (ValueError naming
     the flag; reads files only, so every rank reaches the same verdict before any collective)."""
@@ -47,6 +53,7 @@ def check_checkpoint_flags(args, config) -> None:
         raise ValueError(f"--keep must be at least 2 (a crash while saving must leave one), got {args.keep}")
     if args.resume and args.init_from:
         raise ValueError("--resume and --init-from: pick one (a checkpoint holds the weights already)")
+    config = _described(args, config)
     if args.init_from:
         _check_export(args.init_from, config)
     if not directory:
@@ -122,8 +129,9 @@ class TrainerCheckpoints:
             trainer = self.trainer
             state = {"step": step, "lr_schedule": trainer.lr_schedule.state_dict(),
                      "data": {"next_batch": step + 1, **{f: _data_value(args, f) for f in DATA_FLAGS}}}
-            info = {"model": model_description(trainer.config), "data": state["data"],
-                    **({"hf_config": hf_config_dict(trainer.config)} if is_hf_config(trainer.config) else {}),
+            config = _described(args, trainer.config)
+            info = {"model": model_description(config), "data": state["data"],
+                    **({"hf_config": hf_config_dict(config)} if is_hf_config(config) else {}),
                     "layout": {"dp": args.dp, "tp": args.tp, "pp": args.pp, "sp": args.sp, "zero": args.zero,
                                "microbatches": args.microbatches}}
             self.checkpointer.save(step, trainer.stage, trainer.optimizer, trainer.mesh, state, info)

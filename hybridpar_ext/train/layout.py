@@ -91,11 +91,6 @@ def check_args(args, world: int):
     check_parallel_config(config, args.dp, args.tp, args.pp, args.sp, args.seq, args.microbatches,
                           args.global_batch)
     check_pipeline_schedule(config, args.schedule, args.pp, args.virtual_stages, args.microbatches)
-    if args.virtual_stages > 1:
-        for flag in ("checkpoint_dir", "init_from"):
-            if getattr(args, flag, None):
-                raise ValueError(f"--virtual-stages {args.virtual_stages}: --{flag.replace('_', '-')} does not "
-                                 "take interleaved chunks yet (it reads one stage per rank); drop one of them")
     if args.zero and args.dtype == "float64":
         # ZeroAdamW keeps float32 master weights and moments: float64 would be rounded to them.
         raise ValueError("--zero keeps float32 master weights, which would round a --dtype float64 run; "

@@ -1,6 +1,6 @@
 """Resume under another layout: 6 steps under dp2 x tp2 saving at step 3; resumed from that
 checkpoint under tp2 (SP) x pp2 with ZeRO-1, dp2 x pp2 with ZeRO-1 over 4 microbatches, and
-dp1 tp1 pp2, steps 4-6 have the uninterrupted run's losses within fp32 tolerance. The
+dp1 tp1 pp2 (also interleaved, two chunks per rank), steps 4-6 have the uninterrupted run's losses within fp32 tolerance. The
 optimizer's moments and step, the LR schedule (warm-up then cosine) and the data position all
 have to come back for that: a resume that lost any of them drifts at step 4."""
 
@@ -10,8 +10,9 @@ import torch
 
 from hybridpar_ext.testing import assert_close_to_reference, run_ranks
 
-# kv heads 1 < tp 2 (replicated), [gate; up], a vocabulary padded at tp 2, 3 layers on 2 stages.
-MODEL = ["--layers", "3", "--hidden", "64", "--heads", "4", "--kv-heads", "1", "--ffn", "80", "--seq", "12",
+# kv heads 1 < tp 2 (replicated), [gate; up], a vocabulary padded at tp 2, 5 layers on 2 stages
+# (3 + 2), or on 4 interleaved chunks.
+MODEL = ["--layers", "5", "--hidden", "64", "--heads", "4", "--kv-heads", "1", "--ffn", "80", "--seq", "12",
          "--vocab", "97", "--data", "synthetic", "--norm", "rmsnorm", "--mlp", "swiglu"]
 RUN = ["--global-batch", "8", "--steps", "6", "--lr", "3e-3", "--weight-decay", "0.01", "--seed", "5",
        "--warmup-steps", "2", "--lr-decay", "cosine", "--min-lr", "1e-4"]
@@ -51,7 +52,10 @@ def train_save_and_resume(rank, world, directory):
 
 
 def resume_on_two(rank, world, directory):
-    return {"pp2": _train(["--pp", "2", "--checkpoint-dir", directory, "--resume"], world)}
+    out = {"pp2": _train(["--pp", "2", "--checkpoint-dir", directory, "--resume"], world)}
+    out["pp2 interleaved v2"] = _train(["--pp", "2", "--virtual-stages", "2", "--microbatches", "2",
+                                        "--checkpoint-dir", directory, "--resume"], world)
+    return out
 
 
 def test_resume_under_other_layouts_matches_the_uninterrupted_run(tmp_path):
