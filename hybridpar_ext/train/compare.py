@@ -90,9 +90,11 @@ def _exact_verdict(a: dict, b: dict, steps) -> tuple:
             f"x{GROWTH_PER_STEP:g}: the most an Adam update amplifies it per step)")
     unjudged = f" ({len(steps) - len(judged)} later steps not judged: their bound passes {JUDGED_UP_TO:.0e})" \
         if len(judged) < len(steps) else ""
+    widest = max(judged, key=gaps.get)
     if ratio <= 1:
-        text = (f"all {len(judged)} steps within it{unjudged}; the closest to its bound is step {worst}, "
-                f"{gaps[worst]:.1e} apart = {ratio:.1e} of {rounding_bound(worst):.1e}")
+        text = (f"all {len(judged)} steps within it{unjudged}; the widest gap {gaps[widest]:.1e} (step {widest}), "
+                f"the closest to its bound step {worst}: {gaps[worst]:.1e} apart = {ratio:.1e} of "
+                f"{rounding_bound(worst):.1e}")
     else:
         text = (f"step {worst} is {gaps[worst]:.1e} apart, {ratio:.1e} times its bound "
                 f"{rounding_bound(worst):.1e}{unjudged}")
