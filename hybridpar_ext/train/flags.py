@@ -24,6 +24,9 @@ def add_train_arguments(p) -> None:
     layout.add_argument("--plan", action="store_true",
                         help="let the planner choose dp, tp, pp, sp and microbatches for the processes")
     model = p.add_argument_group("model")
+    model.add_argument("--model", default="gpt", metavar="gpt|PATH",
+                       help="our GPT (shaped by the flags below), or a local Hugging Face LLaMA, Qwen2 or "
+                            "Mistral directory (config.json, optional safetensors weights; vocabulary from it)")
     model.add_argument("--layers", type=int, default=4)
     model.add_argument("--hidden", type=int, default=128)
     model.add_argument("--heads", type=int, default=4)

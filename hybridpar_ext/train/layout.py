@@ -13,6 +13,10 @@ from .token_data import is_token_file, train_and_eval_batches
 def model_config(args):
     from ..models import GPTConfig
 
+    if getattr(args, "model", "gpt") != "gpt":   # a Hugging Face directory: its shapes, as a GPTConfig
+        from ..parallel.plans.llama import trainer_config
+        return trainer_config(args)
+
     return GPTConfig(vocab_size=args.vocab, max_seq_len=args.seq, layers=args.layers, hidden=args.hidden,
                      heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, norm=args.norm, mlp=args.mlp,
                      tied_embeddings=not args.untied)
@@ -90,6 +94,9 @@ def check_args(args, world: int):
         args.sp = False   # nothing to split over
     check_parallel_config(config, args.dp, args.tp, args.pp, args.sp, args.seq, args.microbatches,
                           args.global_batch)
+    if getattr(args, "hf_config", None) is not None:   # --model PATH: what our kernels and its plan need
+        from ..parallel.plans.llama import check_decoder_config
+        check_decoder_config(args.hf_config, args.dp, args.tp, args.pp, args.sp, args.seq)
     check_pipeline_schedule(config, args.schedule, args.pp, args.virtual_stages, args.microbatches)
     if args.zero and args.dtype == "float64":
         # ZeroAdamW keeps float32 master weights and moments: float64 would be rounded to them.

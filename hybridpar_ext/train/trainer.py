@@ -30,7 +30,11 @@ class Trainer:
                               timeout=args.timeout)
         dtype = getattr(torch, args.dtype)
         torch.manual_seed(args.seed)
-        full = GPT(config)   # the same full weights on every rank; each keeps its part
+        if getattr(args, "hf_config", None) is not None:   # --model PATH: the Hugging Face decoder's stages
+            from ..parallel.plans.llama import trainer_builders
+            parallelize, build_stage, full = trainer_builders(args.model, args.hf_config, args.seed)
+        else:
+            full = GPT(config)   # the same full weights on every rank; each keeps its part
         # bf16 runs keep float32 parameters (the master weights) and compute in bf16.
         mixed = dtype == torch.bfloat16
         built = dict(sequence_parallel=args.sp, overlap=not args.no_overlap, device=device,

@@ -371,5 +371,96 @@ def load_decoder_stage(path, mesh, sequence_parallel: bool = False, chunks: int 
     return stage
 
 
+# ------------------------------------------------ for the trainer: train --model PATH
+
+
+def read_decoder_config(path):
+    """The Hugging Face config of the local model directory `path`; ValueError naming what is
+    missing, unreadable or without a plan (read from files only: the same on every rank)."""
+    import os
+
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--model: {path!r} is neither 'gpt' nor a directory (a local Hugging Face model: "
+                         "config.json and optionally its safetensors weights)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model: {path} has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--model: cannot read {os.path.join(path, 'config.json')}: {err}") from None
+    try:
+        _architecture(config)
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from None
+    if has_weights(path):
+        from ..loading import SafetensorsDirectory
+        try:
+            SafetensorsDirectory(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model: {err}") from None
+    return config
+
+
+def has_weights(path) -> bool:
+    """Whether the directory holds safetensors weights (else the model starts from random init)."""
+    import os
+
+    from ..loading import INDEX_FILE, SINGLE_FILE
+
+    return any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
+
+
+def trainer_config(args):
+    """For ``train --model PATH``: reads the Hugging Face config (kept as ``args.hf_config``),
+    takes the vocabulary from it (``args.vocab``), refuses the flags the Hugging Face stages do
+    not take yet, and returns the :class:`~hybridpar_ext.models.GPTConfig` of the same shapes
+    (LLaMA's layout: RMSNorm, SwiGLU, rotary), which the trainer's layout checks, planner,
+    FLOPs and log read. Its parameter count leaves out Qwen2's q/k/v biases."""
+    from ...models import GPTConfig
+
+    config = read_decoder_config(args.model)
+    for flag in ("checkpoint_dir", "init_from"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} does not take --model PATH yet (checkpoints "
+                             "describe our GPT); drop one of them")
+    if getattr(args, "recompute", None) not in (None, "none"):
+        raise ValueError(f"--recompute {args.recompute} does not take --model PATH yet (it wraps our "
+                         "TransformerLayer); drop one of them")
+    if head_dim(config) * config.num_attention_heads != config.hidden_size:
+        raise ValueError(f"--model: head_dim ({head_dim(config)}) * num_attention_heads "
+                         f"({config.num_attention_heads}) must be hidden_size ({config.hidden_size})")
+    args.vocab, args.hf_config = config.vocab_size, config
+    return GPTConfig(vocab_size=config.vocab_size, max_seq_len=config.max_position_embeddings,
+                     layers=config.num_hidden_layers, hidden=config.hidden_size,
+                     heads=config.num_attention_heads,
+                     kv_heads=config.num_key_value_heads or config.num_attention_heads,
+                     ffn=config.intermediate_size, norm="rmsnorm", mlp="swiglu",
+                     tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                     rope_theta=float(getattr(config, "rope_theta", None) or 10000.0),
+                     norm_eps=config.rms_norm_eps)
+
+
+def trainer_builders(path, config, seed):
+    """``(parallelize, build_stage, source)`` for the trainer, shaped as the GPT's
+    ``parallelize(source, mesh, **built)`` and ``build_stage(source, mesh, ids, first, last,
+    **built)``: from the directory's weights, each rank reading only its slices, or, when it has
+    none, from the model's random init under ``torch.manual_seed(seed)`` (the same on every rank)."""
+    if has_weights(path):
+        def whole(source, mesh, **built):
+            return load_decoder_stage(source, mesh, **built)
+
+        def part(source, mesh, ids, first, last, **built):
+            return load_decoder_stage(source, mesh, layer_ids=ids, holds_embedding=first, holds_head=last, **built)
+
+        return whole, part, path
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return parallelize_decoder, build_decoder_stage, AutoModelForCausalLM.from_config(config)
+
+
 __all__ = ["ARCHITECTURES", "DecoderStage", "build_decoder_stage", "check_decoder_config", "decoder_plan",
-           "load_decoder_stage", "parallelize_decoder"]
+           "has_weights", "load_decoder_stage", "parallelize_decoder", "read_decoder_config", "trainer_builders",
+           "trainer_config"]
