@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from .mappings import all_reduce_flat, copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
+from . import weight_grad
+from .mappings import (_all_reduce, _gather, _reduce_scatter, all_reduce_flat, copy_to_tp, gather_from_sequence,
+                       reduce_from_tp, reduce_scatter_to_sequence)
 from .spec import (ShardSpec, block_segments, padded_segments, replicated_spec, set_shard_specs, shard_specs,
                    spec_of)
 from .state_dict import shard_tensor
@@ -116,6 +118,64 @@ class _ColumnLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _DeferredRule:
+    """How a parallel linear's matmul and its communication run when zero bubble defers its
+    weight gradient (:func:`~hybridpar_ext.parallel.weight_grad.deferrable_matmul`): the input
+    backward (B) computes and communicates only ``grad_x``, and hands on the pair ``(a, b)``
+    whose ``a^T b`` is the weight gradient, computed at the W action. Together they compute
+    what the fused backward does (the overlapped ops' C++ backward returns both at once)."""
+
+    def __init__(self, layer):
+        self.group, self.chunks = layer.tp_group, layer.chunks
+        self.sp, self.overlap = layer.sequence_parallel, layer.overlap
+
+
+class _ColumnRule(_DeferredRule):
+    """``gather(x) @ W.T``: B reduces (all-reduce; under SP reduce-scatters) ``grad @ W``;
+    W needs the (gathered) input, kept from the forward."""
+
+    def forward(self, x, weight):
+        if self.sp and self.overlap:
+            y, gathered = ops.all_gather_matmul(x, weight, self.group, gather_dim=SEQ_DIM, chunks=self.chunks,
+                                                return_gathered=True)
+            return y, (gathered,)
+        gathered = _gather(x, SEQ_DIM, self.group) if self.sp else x
+        return F.linear(gathered, weight), (gathered,)
+
+    def input_grad(self, grad, weight, saved, needs_grad_x):
+        (gathered,) = saved
+        grad_x = None
+        if needs_grad_x:
+            if self.sp and self.overlap:   # reduce_scatter(grad @ W), the chunks overlapped
+                grad_x = ops.matmul_reduce_scatter(grad, weight.t().contiguous(), self.group,
+                                                   scatter_dim=SEQ_DIM, chunks=self.chunks)
+            elif self.sp:
+                grad_x = _reduce_scatter(grad @ weight, SEQ_DIM, self.group)
+            else:
+                grad_x = _all_reduce(grad @ weight, self.group)
+        return grad_x, (grad, gathered)
+
+
+class _RowRule(_DeferredRule):
+    """``reduce(x @ W.T)`` (all-reduce; under SP reduce-scatter): B gathers the output
+    gradient under SP and multiplies it by W; W needs that gathered gradient and the input."""
+
+    def forward(self, x, weight):
+        if self.sp and self.overlap:
+            return ops.matmul_reduce_scatter(x, weight, self.group, scatter_dim=SEQ_DIM, chunks=self.chunks), (x,)
+        y = F.linear(x, weight)
+        return (_reduce_scatter(y, SEQ_DIM, self.group) if self.sp else _all_reduce(y, self.group)), (x,)
+
+    def input_grad(self, grad, weight, saved, needs_grad_x):
+        (x,) = saved
+        if self.sp and self.overlap:   # all_gather(grad) @ W, the chunks overlapped
+            grad_x, gathered = ops.all_gather_matmul(grad, weight.t().contiguous(), self.group, gather_dim=SEQ_DIM,
+                                                     chunks=self.chunks, return_gathered=True)
+            return (grad_x if needs_grad_x else None), (gathered, x)
+        gathered = _gather(grad, SEQ_DIM, self.group) if self.sp else grad
+        return (gathered @ weight if needs_grad_x else None), (gathered, x)
+
+
 class _ParallelLinear(torch.nn.Module):
     """The weight of a Linear(in_features, out_features) split over TP along `split_dim`
     (0: output features, 1: input features) as `blocks`/`unit`/`pad` say (by default in
@@ -137,6 +197,13 @@ class _ParallelLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(specs["bias"].local_shape, **factory)) if bias else None
         torch.nn.init.normal_(self.weight, std=0.02)
         set_shard_specs(self, specs)
+        # Zero bubble's split backward: inside a WeightGradStore's recording the weight (and
+        # bias) gradient waits for the W action. Off for a weight that another module of the
+        # same stage also uses (a tied LM head), which would accumulate in two steps.
+        self.defer_weight_grad = True
+
+    def _deferring(self) -> bool:
+        return self.defer_weight_grad and weight_grad.deferring(self.weight)
 
     @classmethod
     def from_dense(cls, linear: torch.nn.Linear, tp_group, sequence_parallel=False,
@@ -168,6 +235,8 @@ class ColumnParallelLinear(_ParallelLinear):
                          overlap, device, dtype, blocks, unit, pad, replicable)
 
     def forward(self, x):
+        if self._deferring():
+            return weight_grad.deferrable_matmul(x, self.weight, self.bias, _ColumnRule(self))
         if not self.overlap:
             x = (gather_from_sequence(x, SEQ_DIM, self.tp_group) if self.sequence_parallel
                  else copy_to_tp(x, self.tp_group))
@@ -195,6 +264,8 @@ class RowParallelLinear(_ParallelLinear):
                          overlap, device, dtype, blocks, unit, pad, replicable)
 
     def forward(self, x):
+        if self._deferring():
+            return weight_grad.deferrable_matmul(x, self.weight, self.bias, _RowRule(self))
         if self.sequence_parallel and self.overlap:
             y = ops.matmul_reduce_scatter(x, self.weight, self.tp_group, scatter_dim=SEQ_DIM, chunks=self.chunks)
         elif self.sequence_parallel:

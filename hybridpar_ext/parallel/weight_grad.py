@@ -111,6 +111,59 @@ def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                                  _active_key, params)
 
 
+class _DeferredMatmul(torch.autograd.Function):
+    """``rule.forward(x, weight) (+ bias)`` on detached weight and bias; the backward computes
+    the input gradient by ``rule.input_grad`` and defers the weight's, ``a^T b`` of the pair it
+    returns (and the bias's, the output gradient summed over rows), to the store."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, store, key, params, rule):
+        y, saved = rule.forward(x, weight)
+        # Saved the usual way (not as attributes), so saved-tensor hooks see what B and W keep.
+        ctx.save_for_backward(weight, *saved)
+        ctx.store, ctx.key, ctx.params, ctx.rule, ctx.has_bias = store, key, params, rule, bias is not None
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, *saved = ctx.saved_tensors
+        grad_x, (a, b) = ctx.rule.input_grad(grad_out.contiguous(), weight, saved, ctx.needs_input_grad[0])
+        params, has_bias = ctx.params, ctx.has_bias
+
+        def work():
+            rows = a.reshape(-1, a.shape[-1])
+            grads = [rows.t() @ b.reshape(-1, b.shape[-1])]
+            if has_bias:
+                grads.append(grad_out.reshape(-1, grad_out.shape[-1]).sum(0))
+            keep = [(p, g) for p, g in zip(params, grads) if p.requires_grad]
+            torch.autograd.backward([p for p, _ in keep], [g for _, g in keep])
+
+        ctx.store.add(ctx.key, work)
+        return grad_x, None, None, None, None, None, None, None
+
+
+def deferrable_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rule) -> torch.Tensor:
+    """A linear layer's matmul with its own communication, described by `rule`:
+    ``rule.forward(x, weight) -> (y, saved tensors)`` and ``rule.input_grad(grad_y, weight,
+    saved, needs_grad_x) -> (grad_x or None, (a, b))`` with the weight's gradient ``a^T b``
+    (rows flattened). Returns ``y + bias``. Inside :meth:`WeightGradStore.recording` the
+    gradients of `weight` and `bias` (parameters) are deferred to the store; outside, the
+    caller should use its fused op (this raises)."""
+    if _active is None:
+        raise RuntimeError("deferrable_matmul: no WeightGradStore is recording")
+    if weight.grad_fn is not None or (bias is not None and bias.grad_fn is not None):
+        raise ValueError("deferrable_matmul: weight and bias must be leaf tensors (parameters)")
+    params = [weight] + ([bias] if bias is not None else [])
+    return _DeferredMatmul.apply(x, weight.detach(), None if bias is None else bias.detach(), _ANCHOR, _active,
+                                 _active_key, params, rule)
+
+
+def deferring(weight: torch.Tensor) -> bool:
+    """Whether a layer owning `weight` should defer its weight gradient now: a store is
+    recording and the weight takes gradients."""
+    return _active is not None and weight.requires_grad and torch.is_grad_enabled()
+
+
 class DeferrableLinear(torch.nn.Linear):
     """``torch.nn.Linear`` (same arguments, parameters and state_dict) whose weight gradient the
     pipeline's zero-bubble schedule defers to its W actions."""

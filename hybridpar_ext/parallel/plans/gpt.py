@@ -178,6 +178,10 @@ class GPTStage(torch.nn.Module):
         parallelize_module(self, mesh, gpt_plan(config), sequence_parallel, chunks, overlap,
                            device=device, dtype=dtype)
         materialize(self, device, dtype)
+        if config.tied_embeddings and self.is_first and self.is_last:
+            # One tensor, two users in this stage: the embedding's gradient comes in B, so the
+            # head's must too (a deferred one would accumulate into it a second time at W).
+            self.lm_head.defer_weight_grad = False
         if self.tied_across_stages and not self.is_first:
             # The last stage's copy of the embedding: kept equal by summing the two gradients,
             # counted once (on the first stage).
