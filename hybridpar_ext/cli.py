@@ -82,6 +82,17 @@ def add_plan_arguments(p) -> None:
                    help="also consider pipeline depths that do not divide the layers")
     p.add_argument("--calibrate", metavar="DIR",
                    help="refine the efficiency constants from bench results in DIR (comm-*.json)")
+    search = p.add_argument_group("a layout of yours, and limits on the search")
+    search.add_argument("--layout", metavar="TEXT",
+                        help='evaluate this layout beside the best, e.g. "dp2 tp4 pp4 v2 mb1 sp zero1 '
+                             'recompute=full" (tokens: dpN tpN ppN mbN mN vN 1f1b|interleaved|zb sp zero1 '
+                             'recompute=none|selective|full)')
+    search.add_argument("--no-sp", action="store_true", help="no sequence parallelism")
+    search.add_argument("--no-zero1", action="store_true", help="no ZeRO-1 optimizer sharding")
+    search.add_argument("--recompute", nargs="+", choices=("none", "selective", "full"),
+                        help="only these activation recomputations (default: all three)")
+    search.add_argument("--schedule", nargs="+", choices=("1f1b", "interleaved", "zero-bubble"),
+                        help="only these pipeline schedules (default: all three)")
 
 
 def plan_from_args(args):
@@ -111,7 +122,7 @@ def plan_from_args(args):
 
 
 def run_plan(args) -> int:
-    from .plan import PlanError, format_plan, plan
+    from .plan import PlanError, format_plan, parse_layout, plan
     from .plan.published import RUNS, compare
 
     if args.compare_published:
@@ -131,8 +142,14 @@ def run_plan(args) -> int:
         model, cluster, precision, calibration = plan_from_args(args)
         if not args.global_batch:
             raise ValueError("plan: --global-batch must be a positive number of sequences")
+        named = parse_layout(args.layout, cluster.gpus, args.global_batch) if args.layout else None
+        limits = {"allow_sp": not args.no_sp, "allow_zero1": not args.no_zero1}
+        if args.recompute:
+            limits["recompute"] = tuple(args.recompute)
+        if args.schedule:
+            limits["schedules"] = tuple(args.schedule)
         result = plan(model, cluster, args.global_batch, top=args.top, precision=precision,
-                      calibration=calibration, uneven_stages=args.uneven_stages)
+                      calibration=calibration, uneven_stages=args.uneven_stages, named=named, **limits)
     except (PlanError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,8 @@ from .calibration import Calibration
 from .specs import ClusterSpec, ModelSpec, Precision
 
 RECOMPUTE = ("none", "selective", "full")
+# The pipeline schedules, under the names the trainer's --schedule takes.
+SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,26 @@ class Layout:
     recompute: str = "none"
     zero1: bool = False
     virtual_stages: int = 1    # interleaved 1F1B: model chunks per pipeline rank
+    # The pipeline schedule, named as the trainer's --schedule: "1f1b", "interleaved" (which
+    # virtual_stages > 1 implies, and the default then) or "zero-bubble" (ZB-H1, v = 1).
+    schedule: str = ""
+
+    def __post_init__(self):
+        default = "interleaved" if self.virtual_stages > 1 else "1f1b"
+        if not self.schedule:
+            object.__setattr__(self, "schedule", default)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Layout: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if (self.schedule == "interleaved") != (self.virtual_stages > 1):
+            raise ValueError(f"Layout: schedule {self.schedule!r} with {self.virtual_stages} virtual stages; "
+                             "interleaved needs v >= 2, 1f1b and zero-bubble v = 1")
 
     def describe(self) -> str:
         extras = [f"mb={self.microbatch}x{self.microbatches}"]
         if self.virtual_stages > 1:
             extras.append(f"v{self.virtual_stages}")
+        if self.schedule == "zero-bubble":
+            extras.append("zb")
         if self.sequence_parallel:
             extras.append("sp")
         if self.recompute != "none":
@@ -184,6 +201,8 @@ class StepTime:
     bubble: float         # pipeline fill and drain
     dp_comm: float        # exposed gradient reduction (and ZeRO-1 parameter gather)
     optimizer: float
+    # One microbatch on the slowest stage: seconds of its F, B and W (what the bubble is of).
+    microbatch_fbw: tuple = (0.0, 0.0, 0.0)
 
     @property
     def total(self) -> float:
@@ -196,6 +215,21 @@ def ring_time(bytes_: float, ranks: int, gbps: float, calib: Calibration, all_re
         return 0.0
     steps = 2 * (ranks - 1) if all_reduce else ranks - 1
     return steps / ranks * bytes_ / (gbps * 1e9 * calib.link_efficiency) + steps * calib.hop_latency_s
+
+
+def pipeline_bubble(schedule: str, p: int, v: int, f: float, b: float, w: float) -> float:
+    """Seconds a step's pipeline idles, for stages of equal cost whose microbatch costs ``f``
+    (forward), ``b`` (input-gradient backward) and ``w`` (weight-gradient backward): 1F1B
+    ``(p-1)(f+b+w)`` (Narayanan et al. 2021); interleaving ``v`` chunks per rank ``v`` times
+    less; ZB-H1 ``(p-1)(f+b-w)`` (Qi et al. 2023), its W filling the cool-down, which holds for
+    ``m >= p`` and ``w <= min(f, b)`` (always so here: W's FLOPs are part of F's and of B's).
+    The simulator of :mod:`hybridpar_ext.parallel.schedules` gives the same (tested); the
+    planner keeps the closed forms so that it stays pure arithmetic."""
+    if p == 1:
+        return 0.0
+    if schedule == "zero-bubble":
+        return (p - 1) * max(f + b - w, 0.0)
+    return (p - 1) * (f + b + w) / v
 
 
 def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Precision,
@@ -222,10 +256,17 @@ def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Pre
     v = layout.virtual_stages
     pp = 2 * v * (act / t) / (pp_gbps * 1e9 * calib.link_efficiency) if p > 1 else 0.0
 
-    # 1F1B idles (p - 1) microbatch-times per step; interleaving v chunks per rank divides that
-    # by v (Narayanan et al. 2021) at v times the pipeline sends.
+    # A microbatch on the slowest stage, split into its forward F, input-gradient backward B
+    # and weight-gradient backward W: W is the weight GEMMs' forward FLOPs again (the attention
+    # core has no weights); B the rest of the backward with recomputation and the backward
+    # collectives; F the forward with its collectives and half the pipeline sends.
+    layers, logits = stage_layers(m, layout), flops.logits_forward_flops_per_token(m.hidden, m.vocab)
+    attention_core = flops.attention_forward_flops_per_token(m.hidden, m.seq)
+    w = tokens_mb * (layers * (layer_forward_flops_per_token(m) - attention_core) + logits) / t / rate
+    tp_forward = tp * 2 * layers / tp_collectives   # 2 of each layer's collectives are the forward's
+    f = tokens_mb * (layers * layer_forward_flops_per_token(m) + logits) / t / rate + tp_forward + pp / 2
     per_microbatch = stage_compute + tp + pp
-    bubble = (p - 1) * per_microbatch / v
+    bubble = pipeline_bubble(layout.schedule, p, v, f, per_microbatch - f - w, w)
 
     # Data parallelism: gradients reduced over dp ranks that sit tp*pp GPUs apart.
     params = max(stage_params(m, layout, 0), stage_params(m, layout, p - 1))
@@ -248,4 +289,5 @@ def step_time(m: ModelSpec, layout: Layout, cluster: ClusterSpec, precision: Pre
         bubble=bubble,
         dp_comm=dp,
         optimizer=optimizer,
+        microbatch_fbw=(f, per_microbatch - f - w, w),
     )

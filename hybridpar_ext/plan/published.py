@@ -64,6 +64,10 @@ RUNS = [
 ]
 
 
+# These runs used 1F1B and interleaved 1F1B; zero bubble came later (Qi et al. 2023).
+PUBLISHED_SCHEDULES = ("1f1b", "interleaved")
+
+
 def compare(run: PublishedRun, calibration=None) -> dict:
     """The planner on a published run: its prediction for the reported layout (the fastest
     microbatching of it that fits, or of the nearest pipeline depth if it cannot split the
@@ -73,7 +77,7 @@ def compare(run: PublishedRun, calibration=None) -> dict:
     cluster = ClusterSpec.of(run.gpu, run.gpus)
     predictions = [planner.predict(run.model, cluster, layout, run.global_batch, calib=calib)
                    for layout in planner.layouts(run.model, cluster, run.global_batch,
-                                                 **run.layout_options)]
+                                                 **{"schedules": PUBLISHED_SCHEDULES, **run.layout_options})]
     fitting = [p for p in predictions if p.fits]
     same_tp = [p for p in fitting if p.layout.tp == run.tp]
     nearest_pp = min({p.layout.pp for p in same_tp}, key=lambda pp: abs(pp - run.pp))
