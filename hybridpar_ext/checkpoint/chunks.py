@@ -38,7 +38,7 @@ schedule's state) are saved as plain values.
 """
 
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -74,9 +74,6 @@ class Chunked:
         """The global shape (DCP checks it against the saved one before loading)."""
         return self.global_shape
 
-    def __len__(self) -> int:
-        return len(self.boxes)
-
     # DCP's checkpointable protocol (torch.distributed.checkpoint.planner_helpers).
     def __create_write_items__(self, fqn: str, obj) -> List[WriteItem]:
         return [WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
@@ -102,9 +99,6 @@ class Chunked:
         """The same boxes holding contiguous CPU copies (what an asynchronous save writes while
         training changes the originals)."""
         return Chunked(self.global_shape, [(o, v.to("cpu", copy=True).contiguous()) for o, v in self.boxes])
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for _, v in self.boxes)
 
 
 class ChunkSavePlanner(DefaultSavePlanner):
@@ -235,10 +229,4 @@ def _map_box(local_offsets, view, spec, counted_only) -> List[Box]:
     return out
 
 
-def replicated_boxes(tensor: torch.Tensor, write: bool) -> List[Box]:
-    """A tensor every holder has whole: one box, or none where this holder does not write."""
-    return [((0,) * tensor.dim(), tensor)] if write else []
-
-
-__all__ = ["Chunked", "ChunkLoadPlanner", "ChunkSavePlanner", "flat_boxes", "flat_range_boxes",
-           "replicated_boxes", "spec_boxes"]
+__all__ = ["Chunked", "ChunkLoadPlanner", "ChunkSavePlanner", "flat_boxes", "flat_range_boxes", "spec_boxes"]
