@@ -74,15 +74,17 @@ def test_launcher_refuses_a_bad_configuration_before_torchrun(tmp_path, flags, m
 
 
 def test_ranks_launched_by_hand_check_the_configuration_too(tmp_path):
-    """Under a torchrun started by hand, every rank refuses with the same message."""
+    """Under a torchrun started by hand the ranks refuse, each with the same message (torchrun
+    stops the others when the first exits, so not every rank may get to print; that every rank
+    reaches the same verdict is test_wrong_configurations_give_the_same_message_on_every_rank)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "hybridpar_ext", "train", "--dp", "2", "--tp", "2", "--steps", "1"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=_launcher([])[1])
     assert out.returncode != 0
-    for rank in (0, 1):
-        assert (f"[rank {rank}] error: dp * tp * pp = 2 * 2 * 1 = 4 processes, but the world size is 2"
-                in out.stderr), out.stderr[-3000:]
+    said = [line.split("] ", 1)[1] for line in out.stderr.splitlines() if line.startswith("[rank ")]
+    assert said and set(said) == {"error: dp * tp * pp = 2 * 2 * 1 = 4 processes, but the world size is 2"}, \
+        out.stderr[-3000:]
 
 
 def test_cli_trains_with_the_planner_and_writes_metrics(tmp_path):
