@@ -46,12 +46,12 @@ def choose_layout(args, config, world: int) -> None:
             try:
                 check_parallel_config(config, lay.dp, lay.tp, lay.pp, lay.sequence_parallel, args.seq,
                                       lay.microbatches, args.global_batch)
-                if lay.virtual_stages > 1:   # interleaved: m a multiple of pp, a layer per chunk
-                    check_pipeline_schedule(config, "interleaved", lay.pp, lay.virtual_stages, lay.microbatches)
+                if lay.pp > 1:   # its schedule (1f1b, interleaved, zero-bubble: the trainer's names)
+                    check_pipeline_schedule(config, lay.schedule, lay.pp, lay.virtual_stages, lay.microbatches)
             except ValueError:
                 continue
             args.virtual_stages = lay.virtual_stages
-            args.schedule = "interleaved" if lay.virtual_stages > 1 else "1f1b"
+            args.schedule = lay.schedule
             args.dp, args.tp, args.pp = lay.dp, lay.tp, lay.pp
             args.sp, args.microbatches, args.zero = lay.sequence_parallel, lay.microbatches, lay.zero1
             args.recompute = lay.recompute

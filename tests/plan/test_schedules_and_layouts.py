@@ -189,3 +189,26 @@ def test_cli_layout_and_limits(tmp_path):
     assert out.returncode == 2 and "unknown token 'bogus'" in out.stderr
     out = run(*base, "--schedule", "zb")
     assert out.returncode == 2 and "invalid choice: 'zb'" in out.stderr
+
+
+# ----------------------------------------------------------------------- the trainer's --plan
+
+@pytest.mark.parametrize("layers,schedule", [(70, "zero-bubble"), (80, "interleaved")])
+def test_train_plan_takes_the_planners_schedule(layers, schedule, monkeypatch):
+    """``train --plan`` runs the schedule the planner chose, under the trainer's name for it
+    (a Llama-2-70B-like shape on 64 of the planner's H100s; only the layers differ)."""
+    import torch
+
+    from hybridpar_ext.train import parse_args
+    from hybridpar_ext.train.layout import choose_layout, model_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # plan for H100s wherever this runs
+    args = parse_args(["--plan", "--layers", str(layers), "--hidden", "8192", "--heads", "64", "--kv-heads", "8",
+                       "--ffn", "28672", "--mlp", "swiglu", "--norm", "rmsnorm", "--vocab", "32000",
+                       "--seq", "4096", "--global-batch", "128", "--nnodes", "8"])
+    config = model_config(args)
+    choose_layout(args, config, 64)
+    model = ModelSpec.from_gpt_config(config, seq=4096)
+    best = plan(model, ClusterSpec.of("h100", 64), 128, top=1).best[0].layout
+    assert args.schedule == best.schedule == schedule
+    assert (args.dp, args.tp, args.pp, args.virtual_stages) == (best.dp, best.tp, best.pp, best.virtual_stages)
