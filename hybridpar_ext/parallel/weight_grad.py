@@ -40,6 +40,10 @@ class WeightGradStore:
 
     def __init__(self):
         self.pending: Dict[Hashable, List[Callable[[], None]]] = {}
+        # The tensors each pending closure keeps alive (for measuring activation memory).
+        self.held: Dict[Hashable, List[torch.Tensor]] = {}
+        # Called after every add and run (a memory meter's probe), or None.
+        self.on_change: Optional[Callable[[], None]] = None
 
     @contextlib.contextmanager
     def recording(self, key: Hashable):
@@ -54,14 +58,27 @@ class WeightGradStore:
         finally:
             _active, _active_key = None, None
 
-    def add(self, key: Hashable, work: Callable[[], None]) -> None:
-        """Defer `work` (a closure that accumulates weight gradients) under `key`."""
+    def add(self, key: Hashable, work: Callable[[], None], holds=()) -> None:
+        """Defer `work` (a closure that accumulates weight gradients) under `key`; `holds`:
+        the tensors it keeps alive until it runs."""
         self.pending.setdefault(key, []).append(work)
+        self.held.setdefault(key, []).extend(holds)
+        if self.on_change is not None:
+            self.on_change()
 
     def run(self, key: Hashable) -> None:
         """Compute and accumulate the weight gradients deferred under `key` (nothing if none)."""
-        for work in self.pending.pop(key, []):
+        works = self.pending.pop(key, [])
+        self.held.pop(key, None)
+        for work in works:
             work()
+        del works   # the closures, and what they hold, go now
+        if self.on_change is not None:
+            self.on_change()
+
+    def held_tensors(self) -> List[torch.Tensor]:
+        """Every tensor the pending work keeps alive."""
+        return [t for ts in self.held.values() for t in ts]
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.pending.values())
@@ -95,7 +112,7 @@ class _DeferredLinear(torch.autograd.Function):
             # Through autograd, so the gradients accumulate and the hooks fire as usual.
             torch.autograd.backward(params, grads)
 
-        ctx.store.add(ctx.key, work)
+        ctx.store.add(ctx.key, work, holds=(grad_out, x))
         return grad_x, None, None, None, None, None, None
 
 
@@ -127,7 +144,8 @@ class _DeferredMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, *saved = ctx.saved_tensors
-        grad_x, (a, b) = ctx.rule.input_grad(grad_out.contiguous(), weight, saved, ctx.needs_input_grad[0])
+        grad_out = grad_out.contiguous()
+        grad_x, (a, b) = ctx.rule.input_grad(grad_out, weight, saved, ctx.needs_input_grad[0])
         params, has_bias = ctx.params, ctx.has_bias
 
         def work():
@@ -138,7 +156,7 @@ class _DeferredMatmul(torch.autograd.Function):
             keep = [(p, g) for p, g in zip(params, grads) if p.requires_grad]
             torch.autograd.backward([p for p, _ in keep], [g for _, g in keep])
 
-        ctx.store.add(ctx.key, work)
+        ctx.store.add(ctx.key, work, holds=(grad_out, a, b))
         return grad_x, None, None, None, None, None, None, None
 
 

@@ -100,7 +100,7 @@ def gpt_zero_bubble_tp(rank, world, sp):
     pipe = PipelineSchedule(stage, mesh.pp_group, M, schedule="zero-bubble")
     deferred = []
     add = pipe.store.add
-    pipe.store.add = lambda key, work: (deferred.append(key), add(key, work))[1]
+    pipe.store.add = lambda key, work, holds=(): (deferred.append(key), add(key, work, holds))[1]
     tokens = torch.randint(0, config.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
     stats = pipe.step(list(tokens[:, :-1].chunk(M)), list(tokens[:, 1:].chunk(M)))
     stage.finish_grads()

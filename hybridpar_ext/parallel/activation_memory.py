@@ -1,0 +1,91 @@
+"""Measured activation memory of a pipeline step: the bytes autograd keeps for backward
+(counted by ``torch.autograd.graph.saved_tensors_hooks``) plus what zero bubble's
+:class:`~hybridpar_ext.parallel.weight_grad.WeightGradStore` keeps for its W work, live at
+each moment, and its peak.
+
+Counted by storage, once however many graph nodes or closures hold it (a layer's input saved
+by two ops, or by an op and then by the W work it left behind, is one tensor), and without
+the parameters (saved by the matmuls, but not activations). A saved tensor stops counting
+when autograd frees the node that saved it (after that node's backward), a store's tensor
+when its W work has run."""
+
+import contextlib
+from typing import Dict, Iterable, Optional
+
+import torch
+
+
+class _Handle:
+    """What the pack hook returns in place of a saved tensor; counts it while alive."""
+
+    __slots__ = ("tensor", "meter", "key")
+
+    def __init__(self, tensor, meter, key):
+        self.tensor, self.meter, self.key = tensor, meter, key
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class ActivationMeter:
+    """``with meter.measure(params, store): pipe.step(...)``; then ``meter.peak`` (bytes)."""
+
+    def __init__(self):
+        self.saved: Dict[int, list] = {}   # storage key -> [bytes, references]
+        self.store = None
+        self.params = set()
+        self.live = 0
+        self.peak = 0
+
+    @staticmethod
+    def _key(t: torch.Tensor):
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+
+    def _pack(self, t: torch.Tensor):
+        key = self._key(t)
+        if key in self.params or key[1] == 0:
+            return t
+        entry = self.saved.setdefault(key, [key[1], 0])
+        entry[1] += 1
+        if entry[1] == 1:
+            self._update()
+        return _Handle(t, self, key)
+
+    @staticmethod
+    def _unpack(handle):
+        return handle.tensor if isinstance(handle, _Handle) else handle
+
+    def _release(self, key):
+        entry = self.saved.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.saved[key]
+            self._update()
+
+    def _update(self):
+        held = dict((k, k[1]) for k in self.saved)
+        if self.store is not None:
+            for t in self.store.held_tensors():
+                k = self._key(t)
+                if k not in self.params:
+                    held[k] = k[1]
+        self.live = sum(held.values())
+        self.peak = max(self.peak, self.live)
+
+    @contextlib.contextmanager
+    def measure(self, params: Iterable[torch.Tensor], store: Optional[object] = None):
+        """Count inside: `params` (a stage's parameters) are left out; `store` (a
+        WeightGradStore, or None) adds what its pending W work holds."""
+        self.params = {self._key(p) for p in params}
+        self.store = store
+        if store is not None:
+            store.on_change = self._update
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            if store is not None:
+                store.on_change = None
