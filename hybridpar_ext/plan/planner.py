@@ -208,7 +208,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, global_batch: int, top: int = 5
             f"plan: no valid layout of {model.name or 'the model'} on {cluster.gpus} GPUs "
             f"({cluster.gpus_per_node} per node) with a global batch of {global_batch}: tp must "
             f"divide the heads ({model.heads}) and {cluster.gpus_per_node}, pp the layers "
-            f"({model.layers}), and dp = gpus / (tp * pp) the global batch")
+            f"({model.layers}), and dp = gpus / (tp * pp) the global batch"
+            + (f"; and the search was limited to {limits}" if (limits := describe_constraints(layout_options)) else ""))
     fitting = sorted((p for p in predictions if p.fits), key=lambda p: (p.time.total, p.memory.total))
     smallest = min(predictions, key=lambda p: p.memory.total)
     usable = usable_bytes(cluster, calibration) / GIB
@@ -223,7 +224,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, global_batch: int, top: int = 5
             f"memory, or a smaller batch per GPU"
             + ("" if layout_options.get("uneven_stages") else
                f"; or pipeline depths that do not divide the {model.layers} layers "
-               "(uneven_stages=True, --uneven-stages)"))
+               "(uneven_stages=True, --uneven-stages)")
+            + (f"; or fewer limits on the search ({limits})" if (limits := describe_constraints(layout_options)) else ""))
     best = [replace(p, lost_on=_lost_on(p, fitting[0])) for p in fitting[:top]]
     theirs = rank = None
     if named is not None:

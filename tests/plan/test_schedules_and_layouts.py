@@ -49,7 +49,8 @@ def test_zero_bubble_keeps_1f1bs_memory_and_idles_less():
     for p, m in ((2, 4), (4, 8), (8, 8)):
         one_f = Layout(1, 8, p, 1, m, schedule="1f1b")
         zb = Layout(1, 8, p, 1, m, schedule="zero-bubble")
-        a, b = predict(LLAMA70, ClusterSpec.of("h100", 8 * p), one_f, m), predict(LLAMA70, ClusterSpec.of("h100", 8 * p), zb, m)
+        cluster = ClusterSpec.of("h100", 8 * p)
+        a, b = predict(LLAMA70, cluster, one_f, m), predict(LLAMA70, cluster, zb, m)
         assert a.memory == b.memory
         assert b.time.bubble < a.time.bubble and b.time.compute == a.time.compute
         # The simulator agrees that ZB-H1 keeps no more microbatches alive than 1F1B.
@@ -102,6 +103,8 @@ def test_search_respects_its_limits():
         assert lay.schedule == "1f1b" and lay.virtual_stages == 1
     assert result.constraints == "recompute selective, no sp, no zero1, schedules 1f1b"
     assert "searched only: recompute selective, no sp" in format_plan(result)
+    with pytest.raises(PlanError, match="or fewer limits on the search \\(recompute none\\)"):
+        plan(PRESETS["llama3-405b"], ClusterSpec.of("h100", 8), 8, recompute=("none",))
     with pytest.raises(ValueError, match="schedules must be among"):
         plan(LLAMA70, H100_64, 128, schedules=("zb-v",))
     with pytest.raises(ValueError, match="recompute must be among"):
