@@ -16,6 +16,10 @@ With tensor parallelism everything between the column- and row-parallel GEMMs is
 ``tp`` ways; with sequence parallelism the rest is too. FlashAttention keeps no ``s x s``
 matrix (only a log-sum-exp per row), which is what the paper's selective recomputation
 achieves. Full recomputation keeps only each layer's input.
+
+The pipeline's idle time depends on the schedule (:func:`pipeline_bubble`): 1F1B and
+interleaved 1F1B after Narayanan et al. 2021, ZB-H1 after Qi et al. 2023, from one microbatch's
+forward, input-gradient and weight-gradient costs; ZB-H1 keeps 1F1B's activations.
 """
 
 from dataclasses import dataclass
