@@ -112,6 +112,30 @@ class _SleepStage(torch.nn.Module):
         return (1, microbatch, seq, 8)
 
 
+def _peak_activations(rank, world, kind, v, m):
+    """This rank's measured peak activation bytes (saved for backward, plus what zero bubble's
+    W work holds) in one step of a small GPT, 4 layers per rank (4 / v per model chunk) whatever
+    the schedule, so that the schedules compare on the same model."""
+    from hybridpar_ext.models import GPT, GPTConfig
+    from hybridpar_ext.parallel import build_stage, init_mesh
+    from hybridpar_ext.parallel.activation_memory import ActivationMeter
+    from hybridpar_ext.parallel.pipeline import PipelineSchedule, build_chunks
+
+    mesh = init_mesh(dp=1, tp=1, pp=world)
+    config = GPTConfig(vocab_size=80, max_seq_len=16, hidden=64, heads=4, kv_heads=2, ffn=96,
+                       layers=4 * world, tied_embeddings=False)
+    torch.manual_seed(0)
+    full = GPT(config)
+    chunks = build_chunks(lambda ids, first, last: build_stage(full, mesh, ids, first, last), config.layers, world,
+                          v, rank)
+    pipe = PipelineSchedule(chunks, mesh.pp_group, m, schedule=kind)
+    tokens = torch.randint(0, config.vocab_size, (2 * m, 17), generator=torch.Generator().manual_seed(1))
+    meter = ActivationMeter()
+    with meter.measure(chunks.parameters(), pipe.store):
+        pipe.step(list(tokens[:, :-1].chunk(m)), list(tokens[:, 1:].chunk(m)))
+    return meter.peak
+
+
 def _schedule_bubbles(rank, world, steps):
     """On each rank: the median measured bubble of each schedule, and the simulator's."""
     import torch.distributed as dist
@@ -131,7 +155,7 @@ def _schedule_bubbles(rank, world, steps):
             dist.barrier()
             bubbles.append(pipe.step(x, y).bubble)
         out[kind] = {"measured": statistics.median(bubbles[1:]), "predicted": pipe.predicted.bubbles[rank],
-                     "v": v}
+                     "v": v, "peak_activations": _peak_activations(rank, world, kind, v, m)}
     return out
 
 
@@ -156,7 +180,10 @@ def schedule_rows(steps: int):
                          "bubble": measured,
                          "simulated_bubble": statistics.mean(r[kind]["predicted"] for r in per_rank),
                          "formula_bubble": formula_bubble(kind, p, v, SCHEDULE_MICROBATCHES),
-                         "note": f"F = B = W = {STAGE_MS:g} ms per stage (fixed), gloo"})
+                         # The pipeline's peak (its busiest rank), on a small GPT: see _peak_activations.
+                         "peak_activation_kb": max(r[kind]["peak_activations"] for r in per_rank) / 1024,
+                         "note": f"F = B = W = {STAGE_MS:g} ms per stage (fixed), gloo; "
+                                 "peak activations: a GPT of 4 layers per rank, the busiest rank"})
     return rows
 
 
