@@ -43,10 +43,18 @@ def _policy(ctx, op, *args, **kwargs):
 
 def transformer_layers(model):
     """The transformer layers of `model` (our :class:`~hybridpar_ext.nn.TransformerLayer` and
-    the parallel layers built on it), outermost first."""
+    the parallel layers built on it, and the Hugging Face decoder layers of a
+    :class:`~hybridpar_ext.parallel.plans.llama.DecoderStage`), outermost first."""
     from ..nn import TransformerLayer
+    from ..parallel.plans.llama import DecoderStage
 
-    return [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    layers = []
+    for m in model.modules():
+        if isinstance(m, TransformerLayer):
+            layers.append(m)
+        elif isinstance(m, DecoderStage):
+            layers.extend(m.model.layers.values())
+    return layers
 
 
 def apply_recompute(model, mode: str):
@@ -54,6 +62,10 @@ def apply_recompute(model, mode: str):
     ``full`` or ``selective``; ``none`` leaves it as it is). Returns the layers wrapped."""
     if mode not in MODES:
         raise ValueError(f"--recompute must be one of {', '.join(MODES)}, got {mode!r}")
+    from ..parallel.plans.llama import SELECTIVE_UNDER_TP, DecoderStage
+
+    if mode == "selective" and any(isinstance(m, DecoderStage) and m.mesh.tp > 1 for m in model.modules()):
+        raise ValueError(SELECTIVE_UNDER_TP)   # a layout the planner chose (flags are refused earlier)
     layers = transformer_layers(model) if mode != "none" else []
     for layer in layers:
         if getattr(layer, "_recompute", None) is not None:

@@ -412,22 +412,23 @@ def has_weights(path) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
 
 
+# Selective recomputation of the Hugging Face layers under tensor parallelism does not give the
+# gradients of the run without it (full recomputation, and selective at tp 1, do): refused.
+SELECTIVE_UNDER_TP = ("--recompute selective does not take --model PATH with --tp > 1 yet (its gradients "
+                      "differ from the run without recomputation there); use --recompute full, or --tp 1")
+
+
 def trainer_config(args):
     """For ``train --model PATH``: reads the Hugging Face config (kept as ``args.hf_config``),
-    takes the vocabulary from it (``args.vocab``), refuses the flags the Hugging Face stages do
-    not take yet, and returns the :class:`~hybridpar_ext.models.GPTConfig` of the same shapes
+    takes the vocabulary from it (``args.vocab``; checkpoints then describe this config, and
+    ``--recompute`` wraps the stage's decoder layers; selective is refused under tp > 1), and returns the :class:`~hybridpar_ext.models.GPTConfig` of the same shapes
     (LLaMA's layout: RMSNorm, SwiGLU, rotary), which the trainer's layout checks, planner,
     FLOPs and log read. Its parameter count leaves out Qwen2's q/k/v biases."""
     from ...models import GPTConfig
 
     config = read_decoder_config(args.model)
-    for flag in ("checkpoint_dir", "init_from"):
-        if getattr(args, flag, None):
-            raise ValueError(f"--{flag.replace('_', '-')} does not take --model PATH yet (checkpoints "
-                             "describe our GPT); drop one of them")
-    if getattr(args, "recompute", None) not in (None, "none"):
-        raise ValueError(f"--recompute {args.recompute} does not take --model PATH yet (it wraps our "
-                         "TransformerLayer); drop one of them")
+    if getattr(args, "recompute", None) == "selective" and (getattr(args, "tp", None) or 1) > 1:
+        raise ValueError(SELECTIVE_UNDER_TP)
     if head_dim(config) * config.num_attention_heads != config.hidden_size:
         raise ValueError(f"--model: head_dim ({head_dim(config)}) * num_attention_heads "
                          f"({config.num_attention_heads}) must be hidden_size ({config.hidden_size})")
