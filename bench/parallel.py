@@ -2,7 +2,10 @@
 (tensor parallelism with and without sequence parallelism, data parallelism), and the
 pipeline bubble measured against the ideal ``(p - 1) / (m + p - 1)``; and the pipeline
 schedules (1F1B, interleaved 1F1B, ZB-H1) at p = 2 and 4 on gloo, their measured bubble
-against the simulator's and the published formulas.
+against the simulator's and the published formulas; and a Hugging Face LLaMA of the same
+shapes trained by ``train --model DIR`` per layout against one process, beside transformers'
+own tensor parallelism (``tp_plan="auto"``) on the same model and batches where the installed
+transformers can run it (else its row says why, with no numbers).
 
 Each configuration is one run of ``python -m hybridpar_ext train`` (its own torchrun, gloo on
 a CPU, NCCL on GPUs), timed by the trainer itself: the median step after two warm-up steps.
@@ -29,11 +32,11 @@ MODEL = ["--layers", "4", "--hidden", "256", "--heads", "4", "--seq", "128", "--
 WARMUP = 2
 
 
-def _train(flags, steps):
+def _train(flags, steps, model=MODEL):
     """Median step time (s), tokens/s and bubble of one training run, or None if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.jsonl")
-        out = subprocess.run([sys.executable, "-m", "hybridpar_ext", "train", *MODEL, *flags,
+        out = subprocess.run([sys.executable, "-m", "hybridpar_ext", "train", *model, *flags,
                               "--steps", str(steps + WARMUP), "--quiet", "--metrics-file", metrics],
                              cwd=tmp, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
@@ -187,6 +190,99 @@ def schedule_rows(steps: int):
     return rows
 
 
+# ------------------------------------------------------------------ a Hugging Face LLaMA
+# The same shapes as MODEL, as a LLaMA (GQA 4:2), trained by ``train --model DIR``; and, on
+# the same model, weights and batches, transformers' own tensor parallelism
+# (``from_pretrained(DIR, tp_plan="auto")``, DTensor) at tp 2, timed the same way.
+HF_SEQ, HF_BATCH = 128, 8
+
+
+def _write_llama(directory):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=HF_SEQ)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def _transformers_tp_plan(rank, world, path, steps):
+    """On each rank: the median step time (s) of transformers' tp_plan training the model in
+    `path` with torch AdamW on the trainer's synthetic batches (seed 0), or why it cannot run."""
+    import transformers
+    import torch.distributed as dist
+
+    from hybridpar_ext.train import Batches
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    except Exception as err:   # reported as the row's reason, never as a number
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    batches = Batches("synthetic", model.config.vocab_size, HF_SEQ, HF_BATCH, 0)
+    times = []
+    try:
+        for step in range(1, steps + WARMUP + 1):
+            tokens = batches(step)
+            dist.barrier()
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            model(tokens[:, :-1], labels=tokens[:, :-1].contiguous()).loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return {"step_s": statistics.median(times[WARMUP:])}
+
+
+def hf_rows(steps: int, max_procs: int, base=None):
+    """tokens/s of a Hugging Face LLaMA per layout against one process, and transformers'
+    tp_plan against ours at tp 2."""
+    from hybridpar_ext.testing import run_ranks
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "llama")
+        _write_llama(path)
+        model = ["--model", path, "--seq", str(HF_SEQ), "--global-batch", str(HF_BATCH), "--data", "synthetic"]
+        for dp, tp, pp in ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)):
+            if dp * tp * pp > max_procs:
+                continue
+            name, procs, flags, pp_, m = _layout(dp=dp, tp=tp, pp=pp)
+            result = _train(flags, steps, model)
+            if result is None:
+                continue
+            if procs == 1:
+                base = result["tokens_per_s"]
+            rows.append({"section": "hf llama", "layout": name, "processes": procs, "step_ms": result["step_ms"],
+                         "tokens_per_s": result["tokens_per_s"],
+                         "tokens_per_s_vs_1_process": result["tokens_per_s"] / base if base else None,
+                         "bubble": result["bubble"] if pp > 1 else None, "note": "train --model (ours)"})
+        if 2 > max_procs:
+            return rows
+        ours = next((r for r in rows if r["layout"] == "dp1 tp2 pp1"), None)
+        row = {"section": "hf llama", "layout": "tp2 (transformers tp_plan)", "processes": 2,
+               "step_ms": None, "tokens_per_s": None, "tokens_per_s_vs_1_process": None, "bubble": None}
+        try:
+            per_rank = run_ranks(_transformers_tp_plan, 2, timeout=300, path=path, steps=steps)
+        except AssertionError as err:
+            per_rank = [{"error": str(err).strip().splitlines()[-1][:200]}]
+        errors = [r["error"] for r in per_rank if "error" in r]
+        if errors:
+            row["note"] = f"transformers {__import__('transformers').__version__} tp_plan did not run here: {errors[0]}"
+        else:
+            step_s = max(r["step_s"] for r in per_rank)
+            row.update(step_ms=step_s * 1e3, tokens_per_s=HF_BATCH * HF_SEQ / step_s,
+                       tokens_per_s_vs_1_process=HF_BATCH * HF_SEQ / step_s / base if base else None,
+                       note=f"transformers {__import__('transformers').__version__} tp_plan='auto' (DTensor), "
+                            "same model, weights and batches"
+                            + (f"; ours at tp2: {ours['tokens_per_s'] / (HF_BATCH * HF_SEQ / step_s):.2f}x its "
+                               "tokens/s" if ours else ""))
+        rows.append(row)
+    return rows
+
+
 def run(quick: bool = False):
     steps = 2 if quick else 6
     max_procs = torch.cuda.device_count() if torch.cuda.is_available() else 8
@@ -228,4 +324,5 @@ def run(quick: bool = False):
     for m in ((2,) if quick else (2, 4, 8)):
         measure("bubble", _layout(pp=2, microbatches=m))
     rows += schedule_rows(steps=2 if quick else 5)
+    rows += hf_rows(steps, max_procs)
     return rows
