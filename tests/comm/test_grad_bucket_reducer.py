@@ -44,14 +44,14 @@ def _expected_grads(params, world, step, micros):
     return {k: v / world for k, v in total.items()}
 
 
-def _check(rank, world, cap, dtype, reduce_scatter, micros):
+def _check(rank, world, cap, dtype, reduce_scatter, micros, group=None):
     from hybridpar_ext.ops import GradBucketReducer
 
     g = torch.Generator().manual_seed(7)
     params = {k: (torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
               for k, s in SHAPES.items()}
     names = list(params)
-    reducer = GradBucketReducer(params.values(), bucket_cap_mb=cap, reduce_scatter=reduce_scatter)
+    reducer = GradBucketReducer(params.values(), group, bucket_cap_mb=cap, reduce_scatter=reduce_scatter)
     tag = f"world={world} cap={cap} {dtype} reduce_scatter={reduce_scatter} micros={micros}"
     if cap == CAPS["tiny"]:
         assert reducer.num_buckets == len(SHAPES), tag
@@ -98,23 +98,18 @@ def _check(rank, world, cap, dtype, reduce_scatter, micros):
                     p.grad.zero_()
 
 
-def check_reducer(rank, world):
+def check_reducer(rank, world, group=None):
     runs = 0
     for dtype in DTYPES.values():
         for cap in CAPS.values():
             for reduce_scatter in (False, True):
-                _check(rank, world, cap, dtype, reduce_scatter, micros=2)
+                _check(rank, world, cap, dtype, reduce_scatter, micros=2, group=group)
                 runs += 1
-    _check(rank, world, CAPS["middle"], torch.float32, False, micros=1)
+    _check(rank, world, CAPS["middle"], torch.float32, False, micros=1, group=group)
     return runs + 1
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_reducer_averages_gradients(world):
-    assert run_ranks(check_reducer, world, timeout=240) == [2 * 3 * 2 + 1] * world
-
-
-def check_exact_fp32_average(rank, world):
+def check_exact_fp32_average(rank, world, group=None):
     """float32 buckets give exactly what all_reduce(grad) / world gives."""
     import torch.distributed as dist
 
@@ -122,16 +117,48 @@ def check_exact_fp32_average(rank, world):
 
     p = torch.zeros(1000, requires_grad=True)
     q = torch.zeros(37, requires_grad=True)
-    reducer = GradBucketReducer([p, q], bucket_cap_mb=1.0)
+    reducer = GradBucketReducer([p, q], group, bucket_cap_mb=1.0)
     g = torch.Generator().manual_seed(rank)
     gp, gq = torch.randn(1000, generator=g), torch.randn(37, generator=g)
     ((p * gp).sum() + (q * gq).sum()).backward()
     reducer.finish()
     for grad, mine in ((p.grad, gp), (q.grad, gq)):
-        dist.all_reduce(mine)
+        dist.all_reduce(mine, group=group)
         assert torch.equal(grad, mine / world)
     return True
 
 
-def test_fp32_average_is_exact():
-    assert run_ranks(check_exact_fp32_average, 2, timeout=120) == [True, True]
+SIZES = (2, 3, 4)   # the reducer on groups of 2, 3 and 4 ranks
+
+
+def check_on_groups(rank, world):
+    """Every check of this file in one launch of 4 processes (starting them is most of the
+    cost): the reducer on groups of the first 2, 3 and all 4 ranks (the whole world through
+    the default group), the exact float32 average on 2. A rank outside a group reports
+    nothing for it."""
+    import torch.distributed as dist
+
+    out = {}
+    for size in SIZES:
+        group = None if size == world else dist.new_group(list(range(size)))   # every rank creates it
+        if rank < size:
+            out[f"reducer{size}"] = check_reducer(rank, size, group)
+            if size == 2:
+                out["exact"] = check_exact_fp32_average(rank, size, group)
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(check_on_groups, max(SIZES), timeout=360)
+
+
+@pytest.mark.parametrize("world", SIZES)
+def test_reducer_averages_gradients(results, world):
+    runs = [r.get(f"reducer{world}") for r in results]
+    assert runs == [2 * 3 * 2 + 1] * world + [None] * (max(SIZES) - world)
+
+
+def test_fp32_average_is_exact(results):
+    assert [r.get("exact") for r in results] == [True, True, None, None]

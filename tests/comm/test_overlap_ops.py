@@ -27,7 +27,7 @@ def _matmul_scale(a, b):
     return (a.abs() @ b.abs().t()).max().item()
 
 
-def _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks):
+def _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks, group=None):
     from hybridpar_ext import ops
     from hybridpar_ext.reference import comm as ref
 
@@ -40,7 +40,7 @@ def _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks
 
     x = xs[rank].clone().requires_grad_()
     w = ws[rank].clone().requires_grad_()
-    out, gathered = ops.all_gather_matmul(x, w, gather_dim=dim, chunks=chunks, return_gathered=True)
+    out, gathered = ops.all_gather_matmul(x, w, group, gather_dim=dim, chunks=chunks, return_gathered=True)
     out.backward(dys[rank])
 
     f64 = [t.double() for t in (full, ws[rank], dys[rank])]
@@ -60,7 +60,7 @@ def _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks
     # The plain composition on the same data agrees too.
     x2 = xs[rank].clone().requires_grad_()
     w2 = ws[rank].clone().requires_grad_()
-    out2, _ = ref.all_gather_matmul(x2, w2, None, dim)
+    out2, _ = ref.all_gather_matmul(x2, w2, group, dim)
     out2.backward(dys[rank])
     assert_close_to_reference(out, out2.double(), dtype, f"{tag} out vs composition",
                               scale=_matmul_scale(f64[0], f64[1]))
@@ -68,7 +68,7 @@ def _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks
                               scale=scale)
 
 
-def _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, chunks):
+def _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, chunks, group=None):
     from hybridpar_ext import ops
     from hybridpar_ext.reference import comm as ref
 
@@ -82,7 +82,7 @@ def _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, ch
 
     x = xs[rank].clone().requires_grad_()
     w = ws[rank].clone().requires_grad_()
-    out = ops.matmul_reduce_scatter(x, w, scatter_dim=dim, chunks=chunks)
+    out = ops.matmul_reduce_scatter(x, w, group, scatter_dim=dim, chunks=chunks)
     out.backward(dys[rank])
 
     tag = f"matmul_reduce_scatter world={world} {tuple(full_shape)} dim={dim} chunks={chunks}"
@@ -99,44 +99,34 @@ def _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, ch
 
     x2 = xs[rank].clone().requires_grad_()
     w2 = ws[rank].clone().requires_grad_()
-    out2 = ref.matmul_reduce_scatter(x2, w2, None, dim)
+    out2 = ref.matmul_reduce_scatter(x2, w2, group, dim)
     out2.backward(dys[rank])
     assert_close_to_reference(out, out2.double(), dtype, f"{tag} out vs composition", scale=scale)
     assert_close_to_reference(w.grad, w2.grad.double(), dtype, f"{tag} grad_weight vs composition",
                               scale=_matmul_scale(dy_rows.t(), x_rows.t()))
 
 
-def check_overlap_ops(rank, world):
+def check_overlap_ops(rank, world, group=None):
     cases = 0
     for dtype in DTYPES.values():
         for local_shape, dim, n_out in CASES:
             for chunks in CHUNKS:
-                _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks)
-                _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, chunks)
+                _check_all_gather_matmul(rank, world, dtype, local_shape, dim, n_out, chunks, group)
+                _check_matmul_reduce_scatter(rank, world, dtype, local_shape, dim, n_out, chunks, group)
                 cases += 2
     return cases
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_overlap_ops_match_the_composition(world):
-    results = run_ranks(check_overlap_ops, world, timeout=240)
-    assert results == [2 * len(DTYPES) * len(CASES) * len(CHUNKS)] * world
-
-
-def check_opcheck(rank, world):
+def check_opcheck(rank, world, group=None):
     import torch.distributed as dist
 
-    name = dist.group.WORLD.group_name
+    name = (group or dist.group.WORLD).group_name
     x = _randn((3, 2, 6), 5 + rank, torch.float32).requires_grad_()
     w = _randn((4, 6), 6 + rank, torch.float32).requires_grad_()
     torch.library.opcheck(torch.ops.hybridpar.all_gather_matmul.default, (x, w, name, 1, 2))
     xs = _randn((3, 2 * world, 6), 7 + rank, torch.float32).requires_grad_()
     torch.library.opcheck(torch.ops.hybridpar.matmul_reduce_scatter.default, (xs, w, name, 1, 2))
     return True
-
-
-def test_opcheck():
-    assert run_ranks(check_opcheck, 2, timeout=240) == [True, True]
 
 
 def check_bad_input(rank, world):
@@ -172,10 +162,6 @@ def check_bad_input(rank, world):
     return len(bad)
 
 
-def test_bad_input_raises_on_every_rank():
-    assert len(set(run_ranks(check_bad_input, 3, timeout=120))) == 1
-
-
 def check_debug_mode(rank, world):
     """Ranks disagree on a shape: with HYBRIDPAR_DEBUG=1 every rank raises and names the one
     that differs, instead of entering mismatched collectives."""
@@ -199,8 +185,55 @@ def check_debug_mode(rank, world):
     return messages[0]
 
 
-def test_debug_mode_names_the_rank_that_differs():
-    messages = run_ranks(check_debug_mode, 3, timeout=120, env={"HYBRIDPAR_DEBUG": "1"})
+SIZES = (2, 3, 4)   # the overlap ops on groups of 2, 3 and 4 ranks
+
+
+def check_everything(rank, world):
+    """Every check of this file that runs on gloo, in one launch of 4 processes (starting
+    them is most of the cost): the overlap ops on groups of the first 2, 3 and all 4 ranks
+    (the whole world through the default group), opcheck on 2, bad input and debug mode on
+    all 4. Each result is keyed by its check; a rank outside a group reports nothing there."""
+    import torch.distributed as dist
+
+    out = {}
+    for size in SIZES:
+        group = None if size == world else dist.new_group(list(range(size)))   # every rank creates it
+        if rank < size:
+            out[f"overlap{size}"] = check_overlap_ops(rank, size, group)
+            if size == 2:
+                out["opcheck"] = check_opcheck(rank, size, group)
+        dist.barrier()
+    out["bad_input"] = check_bad_input(rank, world)
+    dist.barrier()
+    os.environ["HYBRIDPAR_DEBUG"] = "1"
+    try:
+        out["debug"] = check_debug_mode(rank, world)
+    finally:
+        del os.environ["HYBRIDPAR_DEBUG"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return run_ranks(check_everything, max(SIZES), timeout=360)
+
+
+@pytest.mark.parametrize("world", SIZES)
+def test_overlap_ops_match_the_composition(gloo_results, world):
+    results = [r.get(f"overlap{world}") for r in gloo_results]
+    assert results == [2 * len(DTYPES) * len(CASES) * len(CHUNKS)] * world + [None] * (max(SIZES) - world)
+
+
+def test_opcheck(gloo_results):
+    assert [r.get("opcheck") for r in gloo_results] == [True, True, None, None]
+
+
+def test_bad_input_raises_on_every_rank(gloo_results):
+    assert len({r["bad_input"] for r in gloo_results}) == 1
+
+
+def test_debug_mode_names_the_rank_that_differs(gloo_results):
+    messages = [r["debug"] for r in gloo_results]
     assert len(set(messages)) == 1, messages
 
 
