@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -42,6 +42,41 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     scale = max(e.abs().max().item(), scale or 0.0, 1e-30)
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale,
                                msg=lambda m: f"{name} ({dtype}): {m}")
+
+
+# ------------------------------------------------------------------ one-process references
+
+class ReferenceRun(NamedTuple):
+    losses: list          # the loss of every step, as floats
+    grads: dict           # every gradient of the first step, by name (tied weights under each name)
+    grad_norms: list      # with clip_grad, the global gradient norm of every step before clipping
+
+
+def train_reference(model: torch.nn.Module, batches, lr: float, weight_decay: float = 0.0,
+                    clip_grad: Optional[float] = None, loss_fn=None) -> ReferenceRun:
+    """Train ``model`` in this one process on whole batches with torch.optim.AdamW: the
+    oracle the parallel trainers are compared with.
+
+    ``batches`` holds one token tensor of ``[batch, seq + 1]`` per step: the inputs are its
+    first ``seq`` columns, the targets its last ``seq``. ``loss_fn(model, inputs, targets)``
+    defaults to ``model(inputs, targets)`` (our GPT returns its loss). With ``clip_grad``
+    the gradients are clipped by their global norm (torch.nn.utils.clip_grad_norm_) before
+    each update, and the first step's gradients are recorded after clipping.
+    """
+    loss_fn = loss_fn or (lambda m, inputs, targets: m(inputs, targets))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses, grads, norms = [], None, []
+    for tokens in batches:
+        opt.zero_grad()
+        loss = loss_fn(model, tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        if clip_grad is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad).item())
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        opt.step()
+        losses.append(loss.item())
+    return ReferenceRun(losses, grads, norms)
 
 
 # ------------------------------------------------------------------ distributed tests
@@ -139,3 +174,7 @@ def _rank_main(path: str, name: str, kwargs_json: str):
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:4])
+    # Not through interpreter finalization, where a gloo thread still letting go of the last
+    # collective aborts the process (see parallel/shutdown.py).
+    from hybridpar_ext.parallel.shutdown import exit_process
+    exit_process(0)
