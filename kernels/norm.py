@@ -150,7 +150,10 @@ def _norm_bwd_kernel(
     M, N, rows_per_program,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_DH: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr,
 ):
+    # WEIGHT_GRADS=False: dx only (zero bubble computes dW/dB later, at its W action); the
+    # weight is still read for dx, the partial dW/dB rows are neither summed nor stored.
     ACC: tl.constexpr = RSTD.dtype.element_ty
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -162,8 +165,9 @@ def _norm_bwd_kernel(
         mask = cols < N
         if HAS_W:
             w = tl.load(W + cols, mask=mask).to(ACC)
-            dw = tl.zeros([BLOCK_N], dtype=ACC)
-        if HAS_B:
+            if WEIGHT_GRADS:
+                dw = tl.zeros([BLOCK_N], dtype=ACC)
+        if HAS_B and WEIGHT_GRADS:
             db = tl.zeros([BLOCK_N], dtype=ACC)
         for row in range(row_start, row_end):
             row64 = tl.cast(row, tl.int64)
@@ -176,10 +180,11 @@ def _norm_bwd_kernel(
                 xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
             if HAS_W:
                 wdy = dy * w
-                dw += dy * xhat
+                if WEIGHT_GRADS:
+                    dw += dy * xhat
             else:
                 wdy = dy
-            if HAS_B:
+            if HAS_B and WEIGHT_GRADS:
                 db += dy
             c1 = tl.sum(xhat * wdy, axis=0) / N
             if IS_RMS:
@@ -190,9 +195,9 @@ def _norm_bwd_kernel(
             if HAS_DH:
                 dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(ACC)
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_W:
+        if HAS_W and WEIGHT_GRADS:
             tl.store(DW_PART + part + cols, dw, mask=mask)
-        if HAS_B:
+        if HAS_B and WEIGHT_GRADS:
             tl.store(DB_PART + part + cols, db, mask=mask)
     else:
         # Chunked: the partial dW/dB rows live in memory owned by this program alone
@@ -219,10 +224,10 @@ def _norm_bwd_kernel(
                 mask = start + cols < N
                 dy, xhat, wdy = _chunk_terms(X + row64 * stride_x, DY + row64 * stride_dy, W,
                                              start + cols, mask, mean, rstd, HAS_W, ACC)
-                if HAS_W:
+                if HAS_W and WEIGHT_GRADS:
                     dw = tl.load(DW_PART + part + start + cols, mask=mask)
                     tl.store(DW_PART + part + start + cols, dw + dy * xhat, mask=mask)
-                if HAS_B:
+                if HAS_B and WEIGHT_GRADS:
                     db = tl.load(DB_PART + part + start + cols, mask=mask)
                     tl.store(DB_PART + part + start + cols, db + dy, mask=mask)
                 dx = (wdy - (xhat * c1 + c2)) * rstd
@@ -285,14 +290,15 @@ def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool):
     return y, h, mean, rstd
 
 
-def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool):
+def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool, weight_grads: bool = True):
     """Backward of :func:`norm_fwd`.
 
     ``x`` is the normalised input (h when the forward had a residual), ``dh`` the
     gradient flowing into h from elsewhere (or None); ``mean``/``rstd`` are the forward's,
     in ``compute_dtype(x.dtype)``. Returns ``(dx, dweight, dbias)``, dweight/dbias in the
     compute dtype (None where there is no weight/bias); dx is also the gradient of the
-    residual.
+    residual. ``weight_grads=False``: dx only (dweight and dbias come back None; the kernel
+    skips their partial sums), for a caller that computes them later.
     """
     rows, width = x.shape
     assert rows == 0 or (x.stride(-1) == 1 and dy.stride(-1) == 1 and (dh is None or dh.stride(-1) == 1))
@@ -304,8 +310,8 @@ def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool):
     alloc = torch.empty if single_pass and rows > 0 else torch.zeros
     acc = compute_dtype(x.dtype)
     assert rstd.dtype == acc and (is_rms or mean.dtype == acc)
-    dw_part = alloc((programs, width), dtype=acc, device=x.device) if has_w else None
-    db_part = alloc((programs, width), dtype=acc, device=x.device) if has_bias else None
+    dw_part = alloc((programs, width), dtype=acc, device=x.device) if has_w and weight_grads else None
+    db_part = alloc((programs, width), dtype=acc, device=x.device) if has_bias and weight_grads else None
     if rows > 0:
         rows_per_program = triton.cdiv(rows, programs)
         _norm_bwd_kernel[(programs,)](
@@ -313,8 +319,8 @@ def norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd, is_rms: bool):
             x.stride(0), dy.stride(0), 0 if dh is None else dh.stride(0), dx.stride(0),
             rows, width, rows_per_program,
             IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DH=dh is not None,
-            SINGLE_PASS=single_pass, BLOCK_N=block, num_warps=num_warps,
+            SINGLE_PASS=single_pass, BLOCK_N=block, WEIGHT_GRADS=weight_grads, num_warps=num_warps,
         )
-    dw = dw_part.sum(0) if has_w else None
-    db = db_part.sum(0) if has_bias else None
+    dw = dw_part.sum(0) if dw_part is not None else None
+    db = db_part.sum(0) if db_part is not None else None
     return dx, dw, db

@@ -176,6 +176,80 @@ def _rms_norm_grad(ctx, dy, dh, _drstd):
 _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
+# -------------------------------------------------- the split backward (zero bubble)
+# The fused backward above computes dx and dW/dB in one pass over the rows. Zero bubble runs
+# them apart: dx in its B action (the same kernel, its dW/dB partial sums compiled out), dW/dB
+# later in W from the saved input, statistics and dy (torch ops in the compute dtype, fp32 or
+# fp64, on every backend: two reductions over the rows, no kernel of their own).
+
+@torch.library.custom_op("hybridpar::norm_input_backward", mutates_args=())
+def _norm_input_backward(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                         mean: Optional[Tensor], rstd: Tensor) -> Tensor:
+    is_rms = mean is None
+    dy2, dh2, x2 = _rows(dy), _rows(dh), _rows(x)
+    mean1 = None if is_rms else mean.reshape(-1)
+    if _use_triton(x):
+        dx, _, _ = _backend.kernels("norm").norm_bwd(
+            dy2, dh2, x2, _contiguous(weight), False, mean1, rstd.reshape(-1), is_rms=is_rms,
+            weight_grads=False)
+    elif is_rms:
+        dx, _ = ref.rms_norm_bwd(dy2, dh2, x2, weight, rstd.reshape(-1), weight_grads=False)
+    else:
+        dx, _, _ = ref.layer_norm_bwd(dy2, dh2, x2, weight, False, mean1, rstd.reshape(-1),
+                                      weight_grads=False)
+    return dx.view(x.shape)
+
+
+@_norm_input_backward.register_fake
+def _(dy, dh, x, weight, mean, rstd):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybridpar::norm_weight_backward", mutates_args=())
+def _norm_weight_backward(dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor,
+                          has_weight: bool, has_bias: bool) -> tuple[Tensor, Tensor]:
+    dw, db = ref.norm_weight_grads(_rows(dy), _rows(x), None if mean is None else mean.reshape(-1),
+                                   rstd.reshape(-1), has_weight, has_bias)
+    return (_nothing(x) if dw is None else dw), (_nothing(x) if db is None else db)
+
+
+@_norm_weight_backward.register_fake
+def _(dy, x, mean, rstd, has_weight, has_bias):
+    width = x.shape[-1]
+    return (_stat(x, width) if has_weight else _nothing(x)), (_stat(x, width) if has_bias else _nothing(x))
+
+
+def norm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                 residual: Optional[Tensor], is_rms: bool):
+    """The fused forward of LayerNorm (``is_rms=False``) or RMSNorm over the last dim of `x`,
+    with the statistics a backward of one's own needs: ``(y, h or None, mean or None, rstd)``
+    (mean None for RMSNorm; statistics in the compute dtype). No autograd: pair it with
+    :func:`norm_input_grad` and :func:`norm_weight_grads`. Arguments as :func:`layer_norm`'s."""
+    op = "rms_norm" if is_rms else "layer_norm"
+    _check_norm_args(op, x, weight, None if is_rms else bias, eps, residual, None)
+    with torch.no_grad():
+        if is_rms:
+            y, h, rstd = torch.ops.hybridpar.rms_norm(x, weight, residual, float(eps))
+            mean = None
+        else:
+            y, h, mean, rstd = torch.ops.hybridpar.layer_norm(x, weight, bias, residual, float(eps))
+    return y, (h if residual is not None else None), mean, rstd
+
+
+def norm_input_grad(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                    mean: Optional[Tensor], rstd: Tensor) -> Tensor:
+    """dx of :func:`norm_forward` (x: the normalised input, h with a residual; dh: the gradient
+    reaching h from elsewhere, or None), without the weight gradients."""
+    return torch.ops.hybridpar.norm_input_backward(dy, dh, x, weight, mean, rstd)
+
+
+def norm_weight_grads(dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, has_weight: bool,
+                      has_bias: bool):
+    """``(dweight, dbias)`` of :func:`norm_forward` in the compute dtype, None where not asked."""
+    dw, db = torch.ops.hybridpar.norm_weight_backward(dy, x, mean, rstd, has_weight, has_bias)
+    return (dw if has_weight else None), (db if has_bias else None)
+
+
 # ---------------------------------------------------------------------------- public
 
 def _normalized_shape(op, x, normalized_shape):

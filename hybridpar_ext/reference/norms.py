@@ -54,16 +54,16 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     return y.to(x.dtype), h, mean.view(-1), rstd.view(-1)
 
 
-def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd):
+def layer_norm_bwd(dy, dh, x, weight, has_bias, mean, rstd, weight_grads=True):
     """Returns ``(dx, dweight, dbias)``: dx in the dtype of x, dweight/dbias (None where
-    absent) in the compute dtype."""
+    absent, or not asked for: ``weight_grads=False``) in the compute dtype."""
     acc = acc_dtype(x.dtype)
     width = x.shape[-1]
     # native_layer_norm_backward only reads the bias to know whether dbias is wanted.
     bias = torch.empty(width, dtype=acc, device=x.device) if has_bias else None
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
         dy.to(acc), x.to(acc), [width], mean.to(acc).view(-1, 1), rstd.to(acc).view(-1, 1),
-        _cast(weight, acc), bias, [True, weight is not None, has_bias])
+        _cast(weight, acc), bias, [True, weight is not None and weight_grads, has_bias and weight_grads])
     if dh is not None:
         dx = dx + dh.to(acc)
     return dx.to(x.dtype), dw, db
@@ -80,8 +80,9 @@ def rms_norm_fwd(x, weight, residual, eps):
     return y.to(x.dtype), h, rstd
 
 
-def rms_norm_bwd(dy, dh, x, weight, rstd):
-    """Returns ``(dx, dweight)``; dweight (in the compute dtype) is None without weight."""
+def rms_norm_bwd(dy, dh, x, weight, rstd, weight_grads=True):
+    """Returns ``(dx, dweight)``; dweight (in the compute dtype) is None without weight or
+    with ``weight_grads=False``."""
     acc = acc_dtype(x.dtype)
     dy = dy.to(acc)
     rstd = rstd.to(acc).unsqueeze(-1)
@@ -91,5 +92,20 @@ def rms_norm_bwd(dy, dh, x, weight, rstd):
     dx = (wdy - xhat * c1) * rstd
     if dh is not None:
         dx = dx + dh.to(acc)
-    dw = None if weight is None else (dy * xhat).sum(0)
+    dw = None if weight is None or not weight_grads else (dy * xhat).sum(0)
     return dx.to(x.dtype), dw
+
+
+def norm_weight_grads(dy, x, mean, rstd, has_weight, has_bias):
+    """``(dweight, dbias)`` of a LayerNorm (``mean`` given) or an RMSNorm (``mean`` None) from
+    its output gradient, normalised input and statistics, in the compute dtype (None where
+    not asked for): the half of the backward that zero bubble runs apart from dx."""
+    acc = acc_dtype(x.dtype)
+    dy = dy.to(acc)
+    dw = db = None
+    if has_weight:
+        centred = x.to(acc) if mean is None else x.to(acc) - mean.to(acc).unsqueeze(-1)
+        dw = (dy * (centred * rstd.to(acc).unsqueeze(-1))).sum(0)
+    if has_bias:
+        db = dy.sum(0)
+    return dw, db
