@@ -18,8 +18,9 @@ parallel form and says how its parameters are split, as :class:`~.spec.ShardSpec
                           multiple of TP
 :class:`LMHead`           ``Linear`` -> :class:`VocabParallelLMHead`: column-parallel over a padded
                           vocabulary, its ``loss`` the vocabulary-parallel cross-entropy
-:class:`SequenceParallelNorm`  the module kept; its parameters replicated, their gradients
-                          partial under sequence parallelism (it sees this rank's slice of the sequence)
+:class:`SequenceParallelNorm`  the module kept (our fused norms: their zero-bubble deferrable twins);
+                          its parameters replicated, their gradients partial under sequence
+                          parallelism (it sees this rank's slice of the sequence)
 :class:`Replicate`        the module kept; its parameters replicated, gradients complete
 ========================  ==========================================================================
 
@@ -42,7 +43,7 @@ import torch.distributed as dist
 
 from .. import ops
 from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead,
-                     embedding_shard_specs, linear_shard_specs)
+                     deferrable_norm_of, embedding_shard_specs, linear_shard_specs)
 from .spec import SPECS_ATTR, ShardSpec, replicated_spec, set_shard_specs, shard_specs
 
 
@@ -168,6 +169,11 @@ class SequenceParallelNorm(Replicate):
     runs on this rank's slice of the sequence, so its gradients are partial sums over TP."""
     partial_under_sp: bool = True
 
+    def apply(self, module, ctx):
+        # Our fused norms become their deferrable twins (same parameters): under zero bubble
+        # their dW/dB wait for the W action like the linears' weight gradients.
+        return super().apply(deferrable_norm_of(module), ctx)
+
 
 def _plan_items(plan) -> Sequence[Tuple[str, Style]]:
     items = list(plan.items()) if isinstance(plan, dict) else list(plan)
@@ -242,6 +248,14 @@ def _retie(model, groups):
         for n in present[1:]:
             owner, _, leaf = n.rpartition(".")
             setattr(model.get_submodule(owner) if owner else model, leaf, shared)
+        # One tensor, several users (an embedding and its tied head): zero bubble must not defer
+        # any of their gradients, or one use would accumulate in B and another at W, and a
+        # data-parallel bucket would start after the first.
+        for n in present:
+            owner = n.rpartition(".")[0]
+            module = model.get_submodule(owner) if owner else model
+            if hasattr(module, "defer_weight_grad"):
+                module.defer_weight_grad = False
 
 
 def plan_specs(plan, shapes: Dict[str, Tuple[int, ...]], tp: int, rank: int,

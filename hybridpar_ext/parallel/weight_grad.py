@@ -28,6 +28,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..ops import norms as norm_ops
+
 _active: Optional["WeightGradStore"] = None
 _active_key: Hashable = None
 # An input that always requires grad, so that a deferred layer whose input does not (the first
@@ -174,6 +176,106 @@ def deferrable_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     params = [weight] + ([bias] if bias is not None else [])
     return _DeferredMatmul.apply(x, weight.detach(), None if bias is None else bias.detach(), _ANCHOR, _active,
                                  _active_key, params, rule)
+
+
+class _DeferredEmbedding(torch.autograd.Function):
+    """A vocabulary shard's lookup (rows of `outside` tokens zero) on a detached table; the
+    backward defers the table's gradient, the scatter-add of the output gradient's rows, to
+    the store (the input, token ids, has none)."""
+
+    @staticmethod
+    def forward(ctx, local, outside, weight, anchor, store, key, param):
+        ctx.save_for_backward(local, outside)
+        ctx.store, ctx.key, ctx.param, ctx.rows = store, key, param, weight.shape[0]
+        return F.embedding(local, weight).masked_fill(outside.unsqueeze(-1), 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        local, outside = ctx.saved_tensors
+        param, rows = ctx.param, ctx.rows
+
+        def work():
+            # What F.embedding's backward computes after masked_fill's: the same kernel.
+            grad = torch.ops.aten.embedding_dense_backward(grad_out.masked_fill(outside.unsqueeze(-1), 0.0),
+                                                           local, rows, -1, False)
+            torch.autograd.backward([param], [grad])
+
+        ctx.store.add(ctx.key, work, holds=(grad_out, local, outside))
+        return None, None, None, None, None, None, None
+
+
+def deferrable_embedding(local: torch.Tensor, outside: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(local, weight)`` with the rows of `outside` positions zeroed (a
+    vocabulary-parallel shard's lookup), the gradient of `weight` (a parameter) deferred to the
+    store that is recording. Call it only under :func:`deferring`."""
+    if _active is None:
+        raise RuntimeError("deferrable_embedding: no WeightGradStore is recording")
+    if weight.grad_fn is not None:
+        raise ValueError("deferrable_embedding: weight must be a leaf tensor (a parameter)")
+    return _DeferredEmbedding.apply(local, outside, weight.detach(), _ANCHOR, _active, _active_key, weight)
+
+
+class _DeferredNorm(torch.autograd.Function):
+    """Our fused LayerNorm/RMSNorm (and residual add) on detached weight and bias: the backward
+    computes dx only (the norm kernel with its dW/dB partial sums compiled out) and defers
+    dW/dB, recomputed from the normalised input, the statistics and dy, to the store."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, anchor, store, key, params, eps, is_rms):
+        y, h, mean, rstd = norm_ops.norm_forward(x, weight, bias, eps, residual, is_rms)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd, *(() if mean is None else (mean,)))
+        ctx.store, ctx.key, ctx.params = store, key, params
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.set_materialize_grads(False)
+        if ctx.has_residual:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        src, weight, rstd, *rest = ctx.saved_tensors
+        mean = rest[0] if rest else None
+        if dy is None:
+            dy = torch.zeros_like(src)
+        dx = norm_ops.norm_input_grad(dy, dh, src, weight, mean, rstd)
+        params, has_weight, has_bias = ctx.params, ctx.has_weight, ctx.has_bias
+
+        def work():
+            dw, db = norm_ops.norm_weight_grads(dy, src, mean, rstd, has_weight, has_bias)
+            grads = [g for g in (dw, db) if g is not None]
+            keep = [(p, g.to(p.dtype).view(p.shape)) for p, g in zip(params, grads) if p.requires_grad]
+            torch.autograd.backward([p for p, _ in keep], [g for _, g in keep])
+
+        ctx.store.add(ctx.key, work, holds=(dy, src, rstd) + (() if mean is None else (mean,)))
+        # h = x + residual: both receive h's gradient.
+        return dx, (dx if ctx.has_residual else None), None, None, None, None, None, None, None, None
+
+
+def deferrable_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                    residual: Optional[torch.Tensor] = None, is_rms: bool = False, normalized_shape=None):
+    """Our fused LayerNorm (``is_rms=False``: :func:`hybridpar_ext.ops.layer_norm`) or RMSNorm
+    over the trailing `normalized_shape` dims (default: the last), returning ``y`` or, with
+    `residual`, ``(y, x + residual)``, with the gradients of `weight` and `bias` (parameters)
+    deferred to the store that is recording. Call it only under :func:`deferring`."""
+    if _active is None:
+        raise RuntimeError("deferrable_norm: no WeightGradStore is recording")
+    if (weight is not None and weight.grad_fn is not None) or (bias is not None and bias.grad_fn is not None):
+        raise ValueError("deferrable_norm: weight and bias must be leaf tensors (parameters)")
+    if is_rms and eps is None:
+        eps = torch.finfo(x.dtype).eps
+    n = 1 if normalized_shape is None else len(tuple(normalized_shape))
+    if n > 1:   # the ops normalise the last dim: merge the normalised dims into one
+        if tuple(x.shape[x.dim() - n:]) != tuple(normalized_shape):
+            raise ValueError(f"deferrable_norm: x's trailing dimensions must be normalized_shape "
+                             f"{tuple(normalized_shape)}, got x of shape {tuple(x.shape)}")
+        shape = x.shape
+        out = deferrable_norm(x.flatten(x.dim() - n), weight, bias, eps,
+                              None if residual is None else residual.flatten(residual.dim() - n), is_rms)
+        return out.view(shape) if residual is None else (out[0].view(shape), out[1].view(shape))
+    params = [p for p in (weight, bias) if p is not None]
+    flat = [None if p is None else p.detach().reshape(-1) for p in (weight, bias)]
+    return _DeferredNorm.apply(x, residual, flat[0], flat[1], _ANCHOR, _active, _active_key, params, eps, is_rms)
 
 
 def deferring(weight: torch.Tensor) -> bool:

@@ -99,12 +99,14 @@ def gpt_zero_bubble_tp(rank, world, sp):
     stage = build_stage(full, mesh, ids, mesh.pp_rank == 0, mesh.pp_rank == 1, sequence_parallel=sp)
     pipe = PipelineSchedule(stage, mesh.pp_group, M, schedule="zero-bubble")
     deferred = []
-    add = pipe.store.add
-    pipe.store.add = lambda key, work, holds=(): (deferred.append(key), add(key, work, holds))[1]
+    if pipe.store is not None:   # None where the schedule splits no backward of this rank
+        add = pipe.store.add
+        pipe.store.add = lambda key, work, holds=(): (deferred.append(key), add(key, work, holds))[1]
     tokens = torch.randint(0, config.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
     stats = pipe.step(list(tokens[:, :-1].chunk(M)), list(tokens[:, 1:].chunk(M)))
     stage.finish_grads()
-    assert len(pipe.store) == 0, "W work left in the store after the step"
+    assert pipe.store is None or len(pipe.store) == 0, "W work left in the store after the step"
+    splits = sum(a.op == "B" for a in pipe.actions)   # the microbatches whose backward is split
     named = dict(stage.named_parameters(remove_duplicate=False))
     grads = gather_state_dict(stage, mesh, config, {n: p.grad.detach().clone() for n, p in named.items()})
     total = torch.tensor([stats.loss if stage.is_last and mesh.tp_rank == 0 else 0.0], dtype=torch.float64)
@@ -112,7 +114,7 @@ def gpt_zero_bubble_tp(rank, world, sp):
     gathered = [None] * world
     dist.all_gather_object(gathered, grads)
     if rank != 0:
-        return len(deferred)
+        return len(deferred), splits
     merged = {k: v for g in gathered for k, v in g.items()}
     torch.manual_seed(SEED)
     model = GPT(config)
@@ -123,11 +125,120 @@ def gpt_zero_bubble_tp(rank, world, sp):
     assert set(merged) == set(ref), sorted(set(merged) ^ set(ref))
     for name, p in ref.items():
         assert_close_to_reference(merged[name], p.grad.double(), torch.float32, f"sp={sp} grad {name}")
-    return len(deferred)
+    return len(deferred), splits
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2-pp2", "tp2-sp-pp2"])
 def test_gpt_zero_bubble_defers_through_tensor_parallel_layers(sp):
     counts = run_ranks(gpt_zero_bubble_tp, 4, timeout=120, sp=sp)
-    # Per microbatch: 4 linears a layer (qkv, out, fc1, fc2), plus the head on the last stage.
-    assert sorted(counts) == sorted([2 * 4 * M] * 2 + [(1 * 4 + 1) * M] * 2), counts
+    # Per split microbatch: 4 linears and 2 norms a layer (qkv, out, fc1, fc2, norm1, norm2),
+    # plus the embedding on the first stage (2 layers), the final norm and the head on the last (1).
+    per_microbatch = {0: 2 * 6 + 1, 1: 1 * 6 + 2}   # by pipeline rank: global ranks (pp, tp) = (r // 2, r % 2)
+    assert any(splits for _, splits in counts), "the schedule split no backward"
+    for rank, (deferred, splits) in enumerate(counts):
+        assert deferred == per_microbatch[rank // 2] * splits, (rank, counts)
+
+
+# ------------------------------------------------------------------ the norms' dW/dB
+# Odd widths: 33 fits a row in registers (the kernels' single pass); 16385 float32 columns do
+# not, so the Triton path takes its chunked backward.
+NORM_CASES = [(torch.float64, 33), (torch.float32, 33), (torch.float32, 16385)]
+
+
+def _norm_modules(kind, width, dtype):
+    """(our fused norm, its deferrable twin sharing nothing, the float64 reference function)."""
+    from hybridpar_ext import nn as hnn
+    from hybridpar_ext.parallel.layers import DeferrableLayerNorm, DeferrableRMSNorm
+    from hybridpar_ext.reference import norms as ref
+
+    if kind == "layer_norm":
+        fused = hnn.LayerNorm(width, eps=1e-5, dtype=dtype)
+        twin = DeferrableLayerNorm.from_dense(hnn.LayerNorm(width, eps=1e-5, dtype=dtype))
+        reference = lambda x, w, b, r: ref.layer_norm(x, w, b, 1e-5, r)   # noqa: E731
+    else:
+        fused = hnn.RMSNorm(width, eps=1e-5, dtype=dtype)
+        twin = DeferrableRMSNorm.from_dense(hnn.RMSNorm(width, eps=1e-5, dtype=dtype))
+        reference = lambda x, w, b, r: ref.rms_norm(x, w, 1e-5, r)   # noqa: E731
+    twin.defer_weight_grad = True
+    with torch.no_grad():   # the same weights, off their init
+        for i, (a, b) in enumerate(zip(fused.parameters(), twin.parameters())):
+            a.copy_(_randn(a.shape, 40 + i))
+            b.copy_(a)
+    return fused, twin, reference
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norms_defer_weight_grads_to_w(backend, kind):
+    """The deferrable norm (with and without the fused residual, batch 1 and 3-D input) leaves
+    dW/dB alone in B, whose dx is the fused norm's, and computes them at W: both against the
+    float64 reference, and equal to the fused norm's own."""
+    from hybridpar_ext.parallel.weight_grad import WeightGradStore
+
+    for dtype, width in NORM_CASES:
+        for residual in (False, True):
+            tag = f"{backend} {kind} {dtype} width={width} residual={residual}"
+            fused, twin, reference = _norm_modules(kind, width, dtype)
+            shape = (1, 3, width) if width > 1000 else (3, 5, width)
+            x0, r0, dy = (_randn(shape, s).to(dtype) for s in (1, 2, 3))
+            dh = _randn(shape, 4).to(dtype)
+
+            def run(module, x, r):
+                out = module(x, r) if residual else module(x)
+                outs, grads = ((out[0], out[1]), (dy, dh)) if residual else ((out,), (dy,))
+                torch.autograd.backward(outs, grads)
+                return outs
+
+            # The float64 reference, differentiated by autograd.
+            x_ref, r_ref = (t.to(torch.float64, copy=True).requires_grad_() for t in (x0, r0))
+            params_ref = [p.detach().to(torch.float64, copy=True).requires_grad_() for p in fused.parameters()]
+            out = reference(x_ref, params_ref[0], params_ref[1] if len(params_ref) > 1 else None,
+                            r_ref if residual else None)
+            torch.autograd.backward(out if residual else (out,), (dy.double(), dh.double()) if residual
+                                    else (dy.double(),))
+            # The fused norm, and the deferrable one inside a recording: B, then W.
+            x_f, r_f = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+            y_f = run(fused, x_f, r_f)
+            store = WeightGradStore()
+            x_d, r_d = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+            with store.recording("mb"):
+                y_d = run(twin, x_d, r_d)
+            for name, p in twin.named_parameters():
+                assert p.grad is None, f"{tag}: {name} has a gradient after B"
+            assert len(store) == 1, f"{tag}: expected the norm's W work in the store"
+            for a, b in zip(y_d, y_f):
+                assert torch.equal(a, b), f"{tag}: the deferrable norm's forward differs from the fused one"
+            assert torch.equal(x_d.grad, x_f.grad), f"{tag}: dx after B differs from the fused backward's"
+            if residual:
+                assert torch.equal(r_d.grad, r_f.grad), f"{tag}: the residual's gradient differs"
+            assert_close_to_reference(x_d.grad, x_ref.grad, dtype, f"{tag} dx")
+            store.run("mb")
+            assert len(store) == 0
+            for (name, p), fused_p, ref_p in zip(twin.named_parameters(), fused.parameters(), params_ref):
+                assert p.grad is not None and p.grad.dtype == p.dtype, f"{tag}: no {name} gradient after W"
+                assert_close_to_reference(p.grad, ref_p.grad, dtype, f"{tag} d{name} deferred")
+                assert_close_to_reference(p.grad, fused_p.grad.double(), dtype, f"{tag} d{name} against fused")
+
+            # Outside a recording, or with deferral off, the twin is the fused norm.
+            twin.zero_grad()
+            run(twin, x0.clone().requires_grad_(), r0.clone().requires_grad_())
+            assert twin.weight.grad is not None and torch.equal(twin.weight.grad, fused.weight.grad), tag
+
+
+def test_norm_deferral_is_off_by_default_and_refuses_bad_input():
+    from hybridpar_ext import nn as hnn
+    from hybridpar_ext.parallel.layers import DeferrableLayerNorm, defer_norm_weight_grads
+    from hybridpar_ext.parallel.weight_grad import WeightGradStore, deferrable_norm
+
+    stage = torch.nn.Sequential(DeferrableLayerNorm.from_dense(hnn.LayerNorm(7)), torch.nn.Linear(7, 7))
+    store = WeightGradStore()
+    with store.recording("mb"):
+        stage(torch.randn(2, 7)).sum().backward()
+    assert len(store) == 0 and stage[0].weight.grad is not None, "deferred while off"
+    assert defer_norm_weight_grads(stage) == 1 and stage[0].defer_weight_grad
+    with pytest.raises(RuntimeError, match="deferrable_norm: no WeightGradStore is recording"):
+        deferrable_norm(torch.randn(2, 7), stage[0].weight, stage[0].bias, 1e-5)
+    with store.recording("mb"), pytest.raises(ValueError, match=r"normalized_shape \(3, 7\)"):
+        deferrable_norm(torch.randn(2, 7), torch.ones(3, 7, requires_grad=True), None, 1e-5,
+                        normalized_shape=(3, 7))
+    with pytest.raises(ValueError, match="from_dense: a norm without weight"):
+        DeferrableLayerNorm.from_dense(hnn.LayerNorm(7, elementwise_affine=False))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ... import ops
 from ...nn.huggingface import register_hf_attention
 from ...nn.norms import RMSNorm
+from .. import weight_grad
 from ..layers import SEQ_DIM, ColumnParallelLinear
 from ..mappings import copy_to_tp, gather_from_sequence
 from ..plan import (ColumnParallel, LMHead, RowParallel, SequenceParallelNorm, Style, VocabEmbedding, materialize,
@@ -114,9 +115,13 @@ def check_decoder_config(config, dp: int, tp: int, pp: int, sequence_parallel: b
 class SharedInputColumnLinear(ColumnParallelLinear):
     """A column-parallel linear whose input is already what every TP rank needs: its parent
     (the attention, the MLP) gathered or copied it once for all its projections
-    (:class:`SharedInput`), so it runs no collective of its own."""
+    (:class:`SharedInput`), so it runs no collective of its own. Under zero bubble its weight
+    (and bias) gradient waits for the W action like every parallel linear's; the pre-hook's
+    collective is on the input gradient, which B computes."""
 
     def forward(self, x):
+        if self._deferring():
+            return weight_grad.deferrable_linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
@@ -272,6 +277,12 @@ class DecoderStage(torch.nn.Module):
         parallelize_module(self, mesh, decoder_plan(config), sequence_parallel, chunks, overlap,
                            device=device, dtype=dtype)
         materialize(self, device, dtype)
+        if self.tied_embeddings and self.is_first and self.is_last:
+            # One tensor, two users in this stage: zero bubble defers neither gradient (one would
+            # accumulate in B, the other a second time at W). parallelize_module's re-tie turns
+            # both off already; said here too, as the GPT's stage does.
+            self.lm_head.defer_weight_grad = False
+            self.model.embed_tokens.defer_weight_grad = False
         if self.tied_across_stages and not self.is_first:
             # The last stage's copy of the embedding: kept equal by summing the two gradients,
             # counted once (on the first stage), read from the embedding's name when loading.
