@@ -252,9 +252,24 @@ def check_device_world_of_one(rank, world):
         ones = torch.ones_like(expected)
         assert_close_to_reference(x.grad, ones @ w.detach().double(), torch.float32, "grad_x", scale=24 * 4.0)
         x.grad = w.grad = None
+
+    # The bucket reducer on CUDA: its flatten-and-scale kernel packs odd-sized fp32 and bf16
+    # gradients into their buckets (several per bucket, and a bucket cap that splits them).
+    params = [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+              for shape, dtype in (((37,), torch.float32), ((5, 129), torch.bfloat16), ((3, 7, 11), torch.float32),
+                                   ((1000,), torch.bfloat16), ((513, 3), torch.float32))]
+    reducer = ops.GradBucketReducer(params, bucket_cap_mb=4e-3)
+    assert reducer.num_buckets > 2
+    for step in range(2):   # the second backward accumulates into the buckets
+        sum((p.float() * (i + 1)).sin().sum() for i, p in enumerate(params)).backward()
+    reducer.finish()
+    for i, p in enumerate(params):
+        expected = 2 * (i + 1) * (p.detach().double() * (i + 1)).cos()
+        assert_close_to_reference(p.grad, expected, p.dtype, f"reducer grad {i}", scale=2 * (i + 1))
     return True
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nccl_world_of_one():
     assert run_ranks(check_device_world_of_one, 1, backend="nccl", timeout=180) == [True]
