@@ -63,12 +63,22 @@ def load_and_compare(rank, world, directory, layouts):
     return True
 
 
+def save_and_reload(rank, world, directory, layouts):
+    """save_tp2, then load_and_compare, in one launch (starting the processes costs more than
+    either)."""
+    import torch.distributed as dist
+
+    saved = save_tp2(rank, world, directory)
+    dist.barrier()
+    return saved and load_and_compare(rank, world, directory, layouts)
+
+
 def test_hf_checkpoint_reshards_and_exports_for_from_pretrained(tmp_path):
     from hybridpar_ext.checkpoint import export_checkpoint
 
     directory, out = str(tmp_path / "ckpt"), tmp_path / "export"
-    run_ranks(save_tp2, 2, timeout=180, directory=directory)
-    run_ranks(load_and_compare, 2, timeout=240, directory=directory, layouts=[(1, 1, 2), (2, 1, 1)])
+    assert run_ranks(save_and_reload, 2, timeout=300, directory=directory,
+                     layouts=[(1, 1, 2), (2, 1, 1)]) == [True, True]
 
     export_checkpoint(directory, out)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager")

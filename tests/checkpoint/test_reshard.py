@@ -71,18 +71,32 @@ def load_and_compare(rank, world, path, layouts):
     return len(expected)
 
 
+# The layouts of two ranks that load the tp 2 save, in the processes that saved it.
+RELOAD_ON_TWO = [(1, 1, 2), (2, 1, 1)]
+
+
+def save_and_reload(rank, world, path, naive_path):
+    """save_tp2, then load_and_compare under RELOAD_ON_TWO, in one launch."""
+    import torch.distributed as dist
+
+    kinds = save_tp2(rank, world, path, naive_path)
+    dist.barrier()
+    return {"kinds": kinds, "reloaded": load_and_compare(rank, world, path, RELOAD_ON_TWO)}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
     path, naive = str(root / "ours"), str(root / "naive")
-    kinds = run_ranks(save_tp2, 2, timeout=120, path=path, naive_path=naive)
-    return path, naive, kinds
+    results = run_ranks(save_and_reload, 2, timeout=240, path=path, naive_path=naive)
+    return path, naive, [r["kinds"] for r in results], [r["reloaded"] for r in results]
 
 
 def test_tp2_checkpoint_loads_bitwise_under_tp1_and_other_layouts(saved):
-    path = saved[0]
+    path, _, _, reloaded = saved
+    # Under dp1 tp1 pp2 and dp2 (RELOAD_ON_TWO), checked in the launch that saved.
+    assert reloaded == [len(_global_weights().state_dict())] * 2
     run_ranks(load_and_compare, 1, timeout=120, path=path, layouts=[(1, 1, 1)])
-    run_ranks(load_and_compare, 2, timeout=180, path=path, layouts=[(1, 1, 2), (2, 1, 1)])
 
 
 def test_every_saved_tensor_is_the_global_one(saved):
@@ -112,7 +126,7 @@ def test_plain_tensors_of_tp_slices_lose_data_and_ours_do_not(saved):
     from hybridpar_ext.checkpoint import saved_names
     from hybridpar_ext.checkpoint.state import MODEL
 
-    path, naive, kinds = saved
+    path, naive, kinds, _ = saved
     full = dict(_global_weights().named_parameters())
     name = "layers.0.mlp.fc1.weight"
     assert saved_names(naive)[name].size[0] == full[name].shape[0] // 2
