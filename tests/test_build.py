@@ -52,3 +52,13 @@ def test_backend_variable_is_checked(monkeypatch):
         _backend.requested()
     monkeypatch.setenv("HYBRIDPAR_BACKEND", "reference")
     assert not _backend.use_triton(torch.empty(1))
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_named():
+    from hybridpar_ext.ops._backend import interpreter_problem
+
+    problem = interpreter_problem("3.6.0", "2.4.6")
+    assert "triton 3.6.0" in problem and "numpy 2.4.6" in problem and "triton >= 3.7 or numpy < 2.4" in problem
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0+git1a2b", "2.5.2"),
+                                          ("3.3.1", "1.26.4")):
+        assert interpreter_problem(triton_version, numpy_version) is None, (triton_version, numpy_version)

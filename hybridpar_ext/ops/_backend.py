@@ -45,6 +45,30 @@ def kernels(name: str):
     return importlib.import_module(f"hybridpar_ext.kernels.{name}")
 
 
+def _major_minor(version: str):
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def interpreter_problem(triton_version: str, numpy_version: str):
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    Before triton 3.7 the interpreter turns a loop bound computed inside a kernel (``for start
+    in range(lo, hi, BLOCK)``) into an int with ``int()`` on a one-element numpy array, which
+    numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); 3.7
+    squeezes the array first. Checked: triton 3.6.0 fails with numpy 2.4.6 and passes with
+    2.3.5; 3.7.0 and newer pass with 2.4.6."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton's interpreter in triton {triton_version} cannot run these kernels with numpy "
+                f"{numpy_version}: it needs triton >= 3.7 or numpy < 2.4 (pip install 'numpy<2.4')")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_interpreter_problem():
+    import numpy
+    return interpreter_problem(triton_version(), numpy.__version__)
+
+
 def triton_can_run(device: torch.device) -> bool:
     if triton_version() is None:
         return False
@@ -71,6 +95,8 @@ def use_triton_for(device: torch.device, dtype: torch.dtype, dtypes=TRITON_DTYPE
                 f"HYBRIDPAR_BACKEND=triton, but Triton cannot run on {device} here "
                 f"(triton {triton_version() or 'not installed'}, "
                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
+        if device.type == "cpu" and _installed_interpreter_problem():
+            raise RuntimeError(f"HYBRIDPAR_BACKEND=triton on the CPU: {_installed_interpreter_problem()}")
         return True
     return device.type == "cuda" and triton_can_run(device)
 
