@@ -1,7 +1,12 @@
-"""The float64 verdict `make demo` rests on: the trainer CLI in --dtype float64 on every layout
+"""The float64 verdict `make demo` rests on: the trainer in --dtype float64 on every layout
 of the parity matrix (tests/parallel/test_hybrid_parity.py) against one process says MATCH, and
 one gradient off by 1e-6 relative on one rank says MISMATCH. The tolerance is derived in
-hybridpar_ext/train/compare.py (float64 rounding, at most doubled by each step), never sampled."""
+hybridpar_ext/train/compare.py (float64 rounding, at most doubled by each step), never sampled.
+
+The one-process run goes through the command line (launcher, torchrun, metrics file) as in
+`make demo`. The layouts run the same per-rank body torchrun runs (train.loop), writing the
+same metrics files, with the layouts of one world size one after another in one launch of
+processes: starting a torchrun job per layout was most of this file's time."""
 
 import json
 import os
@@ -9,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+
+from hybridpar_ext.testing import run_ranks
 
 # A tiny GPT: GQA, ffn and seq not powers of two, 3 layers over 2 stages (uneven); 5 AdamW
 # steps on the bundled text.
@@ -20,11 +27,10 @@ LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (1, 2, 2), (2, 1, 2), (2,
 PERTURB = "HYBRIDPAR_TEST_SCALE_GRAD"
 
 
-def _train(tmp_path, name, flags, env_extra=None):
+def _train(tmp_path, name, flags):
     """Run the trainer CLI (it launches torchrun itself) and return its metrics file."""
     metrics = tmp_path / f"{name}.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", PERTURB)}
-    env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-m", "hybridpar_ext", "train", *MODEL, *flags,
                           "--metrics-file", str(metrics)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
@@ -41,6 +47,36 @@ def _verdict(capsys, run, reference):
     return code, line
 
 
+def layout_flags(dp, tp, pp):
+    flags = ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp), "--microbatches", str(8 // dp // 2)]
+    return flags + (["--sp"] if tp > 1 else [])
+
+
+PERTURBED = ("perturbed", ["--dp", "2"], "layers.0.attn.qkv.weight:1.000001")
+
+
+def train_runs(rank, world, runs):
+    """Each run (name, flags, perturbation or None) through the body of a torchrun rank, one
+    after another in these processes; each writes its metrics file."""
+    import torch
+    import torch.distributed as dist
+
+    from hybridpar_ext.train import check_args, parse_args
+    from hybridpar_ext.train.loop import _train
+
+    for name, flags, perturb, metrics in runs:
+        args = parse_args(MODEL + flags + ["--metrics-file", metrics])
+        config = check_args(args, world)
+        if perturb:
+            os.environ[PERTURB] = perturb   # read when the Trainer is built
+        try:
+            assert _train(args, config, torch.device("cpu"), rank, world) == 0, name
+        finally:
+            os.environ.pop(PERTURB, None)
+        dist.barrier()
+    return True
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     path = tmp_path_factory.mktemp("one")
@@ -49,18 +85,33 @@ def one_process(tmp_path_factory):
     return metrics
 
 
+@pytest.fixture(scope="module")
+def layout_metrics(tmp_path_factory):
+    """The metrics file of every layout and of the perturbed run, by name; one launch per
+    world size."""
+    path = tmp_path_factory.mktemp("layouts")
+    by_world = {}
+    for dp, tp, pp in LAYOUTS:
+        name = f"dp{dp}-tp{tp}-pp{pp}"
+        by_world.setdefault(dp * tp * pp, []).append((name, layout_flags(dp, tp, pp), None))
+    by_world[2].append(PERTURBED)
+    files = {}
+    for world, runs in by_world.items():
+        runs = [(name, flags, perturb, str(path / f"{name}.jsonl")) for name, flags, perturb in runs]
+        run_ranks(train_runs, world, timeout=180 * len(runs), runs=runs)
+        files.update((name, metrics) for name, _, _, metrics in runs)
+    return files
+
+
 @pytest.mark.parametrize("dp,tp,pp", LAYOUTS, ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p in LAYOUTS])
-def test_every_layout_matches_one_process_in_float64(tmp_path, capsys, one_process, dp, tp, pp):
-    flags = ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp), "--microbatches", str(8 // dp // 2)]
-    flags += ["--sp"] if tp > 1 else []
-    code, line = _verdict(capsys, _train(tmp_path, "run", flags), one_process)
+def test_every_layout_matches_one_process_in_float64(capsys, one_process, layout_metrics, dp, tp, pp):
+    code, line = _verdict(capsys, layout_metrics[f"dp{dp}-tp{tp}-pp{pp}"], one_process)
     assert code == 0 and "verdict: MATCH" in line and "in float64" in line, line
 
 
-def test_one_gradient_off_by_1e_6_on_one_rank_is_a_mismatch(tmp_path, capsys, one_process):
+def test_one_gradient_off_by_1e_6_on_one_rank_is_a_mismatch(capsys, one_process, layout_metrics):
     """Rank 0's share of one weight's gradient times (1 + 1e-6), every step, under dp2."""
-    run = _train(tmp_path, "perturbed", ["--dp", "2"], {PERTURB: "layers.0.attn.qkv.weight:1.000001"})
-    code, line = _verdict(capsys, run, one_process)
+    code, line = _verdict(capsys, layout_metrics[PERTURBED[0]], one_process)
     assert code == 1 and "verdict: MISMATCH" in line, line
 
 
