@@ -36,6 +36,7 @@ class ActivationMeter:
         self.params = set()
         self.live = 0
         self.peak = 0
+        self.peak_held = 0   # of the peak, the bytes only the store's pending W work kept
 
     @staticmethod
     def _key(t: torch.Tensor):
@@ -67,13 +68,16 @@ class ActivationMeter:
 
     def _update(self):
         held = dict((k, k[1]) for k in self.saved)
+        only_store = 0
         if self.store is not None:
             for t in self.store.held_tensors():
                 k = self._key(t)
-                if k not in self.params:
+                if k not in self.params and k not in held:
                     held[k] = k[1]
+                    only_store += k[1]
         self.live = sum(held.values())
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak, self.peak_held = self.live, only_store
 
     @contextlib.contextmanager
     def measure(self, params: Iterable[torch.Tensor], store: Optional[object] = None):

@@ -137,7 +137,8 @@ class PipelineSchedule:
     ``pp_group`` links the ranks. ``schedule``: ``"1f1b"``, ``"interleaved"``, ``"zero-bubble"``
     (its W actions run the weight gradients that layers calling
     :func:`~hybridpar_ext.parallel.weight_grad.deferrable_linear` deferred; other parameters get
-    theirs in B), or every rank's list of :class:`~hybridpar_ext.parallel.schedules.Action`
+    theirs in B; a microbatch whose backward this rank runs as one BW, as ZB-H1's rank 0 does
+    all of them, defers nothing), or every rank's list of :class:`~hybridpar_ext.parallel.schedules.Action`
     (the same on every rank; checked by the simulator, whose :class:`ScheduleError` is a
     ValueError). Every backward but the last of each chunk runs inside ``no_sync`` (gradient
     accumulation with one data-parallel reduction per step, each bucket starting once its
@@ -156,8 +157,12 @@ class PipelineSchedule:
         else:   # every rank's list, given: the same on every rank
             lists = [list(actions) for actions in schedule]
         self.kind = schedule if isinstance(schedule, str) else "custom"
-        # Split backwards (B, then W later): deferrable layers leave their weight gradients here.
-        self.store = WeightGradStore() if any(a.op == "W" for actions in lists for a in actions) else None
+        # The (chunk, microbatch) whose backward this rank splits into B and a later W: only
+        # their forwards record, so that only they leave weight-gradient work in the store. A
+        # BW (1F1B's, or ZB-H1's B directly followed by its W, fused by the schedule) runs the
+        # layers' ordinary fused backward, which frees each output gradient as soon as it is used.
+        self.split = {(a.chunk, a.microbatch) for a in lists[self.rank] if a.op == "B"}
+        self.store = WeightGradStore() if self.split else None
         last = self.p * self.v - 1
         for k, chunk in enumerate(chunks):
             s = virtual_stage(self.rank, k, self.p)
@@ -168,12 +173,22 @@ class PipelineSchedule:
         self.no_sync = no_sync
         # Checked before it runs: every piece of work once, nothing that can stall.
         self.predicted = simulate(lists, self.p, self.v, num_microbatches)
+        if no_sync is not None:   # every rank checks every list, so all refuse alike
+            for r, actions in enumerate(lists):
+                for k in range(self.v):
+                    ops = [a for a in actions if a.chunk == k and a.op != "F"]
+                    last_b = max((j for j, a in enumerate(ops) if a.op in ("B", "BW")), default=-1)
+                    if last_b >= 0 and ops[last_b].op == "BW" and any(a.op == "W" for a in ops[last_b:]):
+                        raise ValueError(
+                            f"PipelineSchedule: rank {r} runs {ops[last_b]!r} as chunk {k}'s last input backward "
+                            "with W work of that chunk after it; the data-parallel reduction would then see "
+                            "those weights' gradients twice: split that backward (B, W) or run it earlier")
         self.actions: List[Action] = lists[self.rank]
-        # The last backward of each chunk (the last B and the last W when split): it runs with
-        # the data-parallel reduction on, so a bucket starts once its parameters are done.
-        last_of = (("BW", "W"), ("B",)) if self.store is not None else (("BW",),)
+        # The last backward work of each chunk runs with the data-parallel reduction on, so a
+        # bucket starts once its parameters are done: the last B or BW (the gradients not
+        # deferred) and the last W or BW (the deferred ones); one action when nothing is split.
         self.syncs = {max(j for j, a in enumerate(self.actions) if a.op in ops and a.chunk == k)
-                      for k in range(self.v) for ops in last_of}
+                      for k in range(self.v) for ops in (("B", "BW"), ("W", "BW"))}
         # What each peer sends this rank, in the order it sends it.
         self.incoming = {r: [] for r in range(self.p) if r != self.rank}
         for r, actions in enumerate(lists):
@@ -274,7 +289,8 @@ class PipelineSchedule:
                 else:
                     stage_in = received.requires_grad_()
                     stage_inputs[(action.chunk, i)] = stage_in
-                with self.store.recording((action.chunk, i)) if self.store is not None else contextlib.nullcontext():
+                split = (action.chunk, i) in self.split
+                with self.store.recording((action.chunk, i)) if split else contextlib.nullcontext():
                     out = chunk(stage_in if s == 0 else tuple(stage_in.unbind(0)))
                 if s == last:
                     out = chunk.loss(out, targets[i]) / m

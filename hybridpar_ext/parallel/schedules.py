@@ -25,11 +25,16 @@ The schedules, each a pure function of ``(p, v, m)``:
     1F1B's order of forwards and input-gradient backwards, with each weight-gradient backward
     deferred, rank ``r`` by ``r`` steps, into the cool-down that 1F1B leaves idle. Idle
     ``(p - 1)(F + B - W)`` instead of ``(p - 1)(F + B + W)`` (about a third of 1F1B's for
-    ``F = B = W``) at no more activation memory than 1F1B's busiest rank.
+    ``F = B = W``). Rank 0 holds back nothing: its B's, each directly followed by its W, are
+    fused into full backwards, so it runs 1F1B's list and keeps 1F1B's peak. The later ranks
+    keep ``p - r`` microbatches live and ``r`` W's pending; counting a pending W as a whole
+    microbatch (the paper) that is ``p``, 1F1B's busiest rank, but a W keeps every deferred
+    layer's input and output gradient, which may be more (:func:`simulate`'s `memory` model
+    says by how much; :func:`zero_bubble_holds` picks the holds that fit a budget).
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
 OPS = ("F", "B", "W", "BW")
@@ -151,11 +156,26 @@ def interleaved_schedule(p: int, v: int, m: int) -> List[List[Action]]:
     return lists
 
 
-def zero_bubble_h1_schedule(p: int, m: int) -> List[List[Action]]:
+def zero_bubble_h1_schedule(p: int, m: int, hold: Optional[Sequence[int]] = None,
+                            fuse: bool = True) -> List[List[Action]]:
     """ZB-H1: 1F1B's forwards and input-gradient backwards (``B``); rank ``r`` holds back its
-    first ``r`` weight-gradient backwards (``W``) and runs one W after each B from then on, the
-    held-back ones at the end, where 1F1B's cool-down waits."""
+    first ``hold[r]`` weight-gradient backwards (``W``; the paper's ``r``, the default) and runs
+    one W after each B from then on, the held-back ones at the end, where 1F1B's cool-down
+    waits. Each W held back keeps what it needs alive (every deferred layer's input and output
+    gradient) for longer; holding back fewer (:func:`zero_bubble_holds`) keeps less memory for a
+    longer bubble, and ``hold[r] = 0`` gives rank ``r`` 1F1B's order, each backward split
+    into its B and the W right after.
+
+    With `fuse` (the default) rank 0's B's, each directly followed by its own W, become full
+    backwards ``BW`` (:func:`fuse_adjacent_backwards`): its list is then 1F1B's; ``fuse=False``
+    gives the lists as the paper draws them."""
     check_schedule("zero-bubble", p, 1, m)
+    if hold is None:
+        hold = list(range(p))
+    elif len(hold) != p or any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= r
+                               for r, h in enumerate(hold)):
+        raise ValueError(f"hold must give each of the {p} ranks r a number of W's to hold back in [0, r], "
+                         f"got {list(hold)!r}")
     lists = []
     for r in range(p):
         warmup = min(p - r - 1, m)
@@ -165,12 +185,33 @@ def zero_bubble_h1_schedule(p: int, m: int) -> List[List[Action]]:
             if warmup + i < m:
                 actions.append(Action("F", 0, warmup + i))
             actions.append(Action("B", 0, i))
-            if i >= r:
+            if i >= hold[r]:
                 actions.append(Action("W", 0, next_w))
                 next_w += 1
         actions += [Action("W", 0, i) for i in range(next_w, m)]
         lists.append(actions)
-    return lists
+    return fuse_adjacent_backwards(lists) if fuse else lists
+
+
+def fuse_adjacent_backwards(lists: Sequence[Sequence[Action]]) -> List[List[Action]]:
+    """Each rank's list with every ``B`` of the first virtual stage (rank 0's chunk 0) that is
+    directly followed by the ``W`` of the same microbatch merged into one full backward ``BW``.
+    Nothing runs between the two and the first stage sends no input gradient, so the time is
+    the same; the memory is not: a split backward keeps what W needs (each deferred layer's
+    input and output gradient) from B until W, while the fused one frees each output gradient
+    as soon as it is used, as 1F1B does. Elsewhere a fused backward would send its input
+    gradient only after the weight gradients, a W later, and the next stage down may be
+    waiting for it: those stay split."""
+    fused = []
+    for r, actions in enumerate(lists):
+        out: List[Action] = []
+        for a in actions:
+            if r == 0 and a.chunk == 0 and a.op == "W" and out and out[-1] == Action("B", 0, a.microbatch):
+                out[-1] = Action("BW", 0, a.microbatch)
+            else:
+                out.append(a)
+        fused.append(out)
+    return fused
 
 
 def build_schedule(kind: str, p: int, v: int, m: int) -> List[List[Action]]:
@@ -206,13 +247,15 @@ class Simulation:
     """What a schedule implies for given costs: per rank, the time computing, the idle fraction
     of the step (``1 - busy / makespan``, all ranks starting together) and the most
     chunk-microbatches whose activations are alive at once (forward done, weight gradient
-    not yet); and each action's start time."""
+    not yet), and the peak of the memory model (:func:`simulate`'s `memory`); and each
+    action's start time."""
 
     makespan: float
     busy: List[float]
     bubbles: List[float]
     peak_activations: List[int]
     starts: List[List[float]]
+    peak_memory: List[float]
 
     @property
     def bubble(self) -> float:
@@ -258,19 +301,29 @@ def check_coverage(lists: Sequence[Sequence[Action]], p: int, v: int, m: int) ->
 
 
 def simulate(lists: Sequence[Sequence[Action]], p: int, v: int, m: int, f: float = 1.0, b: float = 1.0,
-             w: float = 1.0, comm: float = 0.0) -> Simulation:
+             w: float = 1.0, comm: float = 0.0,
+             memory: Optional[Sequence[Tuple[float, float]]] = None) -> Simulation:
     """Run the schedule on paper: each rank takes its actions in order, each as soon as the
     rank is free and its inputs have arrived (``comm`` after the producing action on another
     rank ends). ``f``, ``b``, ``w`` are a chunk's costs per microbatch (a BW costs ``b + w``).
-    Raises :class:`ScheduleError` if the lists miss or repeat work, or if the ranks would wait on
-    each other forever (naming what each stuck rank waits for)."""
+    `memory`: per rank, what a chunk-microbatch keeps from its F to its backward (B or BW) and
+    what its W work keeps from B to W (the layers' inputs and output gradients; a BW frees
+    everything at once); ``(1, 1)`` per rank by default, the paper's count, where the peak is
+    that of the live activations. Raises :class:`ScheduleError` if the lists miss or repeat
+    work, or if the ranks would wait on each other forever (naming what each stuck rank waits
+    for)."""
     check_coverage(lists, p, v, m)
+    if memory is None:
+        memory = [(1.0, 1.0)] * p
+    elif len(memory) != p:
+        raise ValueError(f"memory must give (activation, pending W) for each of the {p} ranks, got {len(memory)}")
     cost = {"F": f, "B": b, "W": w, "BW": b + w}
     done: Dict[Tuple[int, str, int], Tuple[float, int]] = {}   # (stage, op, mb) -> (end, rank)
     position = [0] * p
     free_at = [0.0] * p
     busy = [0.0] * p
     live, peak = [0] * p, [0] * p
+    forwarded, pending, peak_memory = [0] * p, [0] * p, [0.0] * p   # F done but not B; B done but not W
     starts: List[List[float]] = [[] for _ in range(p)]
     remaining = sum(len(a) for a in lists)
     while remaining:
@@ -297,6 +350,9 @@ def simulate(lists: Sequence[Sequence[Action]], p: int, v: int, m: int, f: float
                         peak[r] = max(peak[r], live[r])
                     elif action.op in ("W", "BW"):
                         live[r] -= 1
+                    forwarded[r] += {"F": 1, "B": -1, "BW": -1}.get(action.op, 0)
+                    pending[r] += {"B": 1, "W": -1}.get(action.op, 0)
+                    peak_memory[r] = max(peak_memory[r], forwarded[r] * memory[r][0] + pending[r] * memory[r][1])
                     position[r] += 1
                     remaining -= 1
                     progressed = True
@@ -308,4 +364,29 @@ def simulate(lists: Sequence[Sequence[Action]], p: int, v: int, m: int, f: float
             raise ScheduleError(f"the schedule deadlocks: {stuck} wait for each other")
     makespan = max(free_at)
     bubbles = [1.0 - busy[r] / makespan if makespan > 0 else 0.0 for r in range(p)]
-    return Simulation(makespan, busy, bubbles, peak, starts)
+    return Simulation(makespan, busy, bubbles, peak, starts, peak_memory)
+
+
+def zero_bubble_holds(p: int, m: int, budget, memory: Sequence[Tuple[float, float]]) -> List[int]:
+    """For each rank ``r``, the most W's (at most ``r``, ZB-H1's) it can hold back under
+    :func:`zero_bubble_h1_schedule` with its peak, by :func:`simulate`'s `memory` model (per
+    rank: a microbatch's activations, a pending W's keep), within `budget` (1F1B's busiest
+    rank, say; a number, or one per rank, less what the rank's backward keeps beyond the
+    model); 0 where not even one fits. Where a pending W keeps about what the forward kept (a
+    model whose activations are mostly the linears' inputs), or a stage keeps more than the
+    first (the last, with the loss's logits), the paper's ZB-H1 peaks above 1F1B; these holds
+    give the ZB-H1 that does not, for a longer bubble. W placement is local to a rank (no
+    message moves), so each rank's hold is chosen alone."""
+    if len(memory) != p:
+        raise ValueError(f"memory must give (activation, pending W) for each of the {p} ranks, got {len(memory)}")
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * p
+    if len(budgets) != p:
+        raise ValueError(f"budget must be one number or one for each of the {p} ranks, got {len(budgets)}")
+    holds = [0] * p
+    for r in range(1, p):
+        for h in range(r, 0, -1):
+            trial = [0] * r + [h] + [0] * (p - r - 1)
+            if simulate(zero_bubble_h1_schedule(p, m, trial), p, 1, m, memory=memory).peak_memory[r] <= budgets[r]:
+                holds[r] = h
+                break
+    return holds

@@ -1,14 +1,17 @@
 """Pipeline schedules as data: every schedule for p <= 8, v in {1, 2, 4}, m <= 32 checked by the
 simulator (each microbatch's work once per chunk, dependencies across ranks, no deadlock), its
-bubble against the published formulas and its peak activations against 1F1B's; the simulator
-itself against schedules that are wrong on purpose. Pure Python, no process group."""
+bubble against the published formulas and its peak activations against 1F1B's; ZB-H1's fused
+backwards (a B directly followed by its W is one BW: rank 0's list is 1F1B's) and its holds
+within a memory budget against the simulator's memory model; the simulator itself against
+schedules that are wrong on purpose. Pure Python, no process group."""
 
 import itertools
 
 import pytest
 
 from hybridpar_ext.parallel.schedules import (SCHEDULES, Action, ScheduleError, build_schedule, check_schedule,
-                                              formula_bubble, simulate)
+                                              formula_bubble, fuse_adjacent_backwards, simulate,
+                                              zero_bubble_h1_schedule, zero_bubble_holds)
 
 
 def valid_cases():
@@ -76,6 +79,76 @@ def test_peak_activations():
             inter = simulate(build_schedule("interleaved", p, v, m), p, v, m)
             # Megatron's warm-up plus the one in flight, in chunks of 1/v of a stage.
             assert inter.peak_activations == [min(2 * (p - r - 1) + (v - 1) * p + 1, v * m) for r in range(p)]
+
+
+def test_zero_bubble_fuses_each_b_directly_followed_by_its_w():
+    for p, m in itertools.product(range(1, 9), range(1, 33)):
+        split = zero_bubble_h1_schedule(p, m, fuse=False)
+        fused = build_schedule("zero-bubble", p, 1, m)
+        assert fused == fuse_adjacent_backwards(split)
+        # Rank 0 holds back no W: every backward fused, its list 1F1B's.
+        assert fused[0] == build_schedule("1f1b", p, 1, m)[0]
+        assert not any(a.op in ("B", "W") for a in fused[0]), (p, m)
+        # Elsewhere all stays split: a fused backward would send its input gradient a W later.
+        assert fused[1:] == split[1:]
+        # The same work in the same order and time, the same live microbatches.
+        for costs in ((1, 1, 1), (1, 2, 0.5)):
+            a, b = simulate(split, p, 1, m, *costs), simulate(fused, p, 1, m, *costs)
+            assert (a.makespan, a.busy, a.peak_activations) == (b.makespan, b.busy, b.peak_activations)
+            # Each forward and each input backward (B, or the BW it became) starts when it did.
+            when = lambda lists, sim: [{(x.op[0], x.microbatch): t for x, t in zip(l, ts) if x.op != "W"}
+                                       for l, ts in zip(lists, sim.starts)]
+            assert when(split, a) == when(fused, b)
+        # A fused backward frees its W's keep at once; a split one keeps it until W.
+        memory = [(1.0, 0.8)] * p
+        assert simulate(fused, p, 1, m, memory=memory).peak_memory == simulate(split, p, 1, m, memory=memory).peak_memory
+
+
+def test_the_memory_model_of_the_simulator():
+    for p, m in ((4, 8), (3, 3), (8, 9), (5, 32), (2, 2)):
+        # The paper's count by default: a pending W is a whole microbatch.
+        zb = simulate(build_schedule("zero-bubble", p, 1, m), p, 1, m)
+        assert zb.peak_memory == [float(x) for x in zb.peak_activations] == [float(p)] * p
+        one = simulate(build_schedule("1f1b", p, 1, m), p, 1, m, memory=[(3.0, 100.0)] * p)
+        assert one.peak_memory == [3.0 * (p - r) for r in range(p)]   # no W ever pending
+        for w in (0.5, 1.0, 1.25):
+            # Rank r: p - r microbatches live and r W's pending; with w > 1 the peak is
+            # right after a B, one more W pending and one microbatch fewer.
+            got = simulate(build_schedule("zero-bubble", p, 1, m), p, 1, m, memory=[(1.0, w)] * p).peak_memory
+            assert got == pytest.approx([p] + [p - r + r * w + max(w - 1, 0) for r in range(1, p)]), (p, m, w)
+    with pytest.raises(ValueError, match=r"memory must give \(activation, pending W\) for each of the 2 ranks, got 1"):
+        simulate(build_schedule("1f1b", 2, 1, 2), 2, 1, 2, memory=[(1, 1)])
+
+
+def test_zero_bubble_holds_within_a_memory_budget():
+    for p, m in ((2, 4), (4, 8), (5, 7), (8, 32)):
+        # Holding back fewer W's: valid lists, a bubble between ZB-H1's and 1F1B's.
+        one, zb = (simulate(build_schedule(k, p, 1, m), p, 1, m).bubble for k in ("1f1b", "zero-bubble"))
+        # No W held back: 1F1B's order, rank 0's backwards fused and the others split in place.
+        assert [[Action("BW" if a.op == "B" else a.op, a.chunk, a.microbatch) for a in actions if a.op != "W"]
+                for actions in zero_bubble_h1_schedule(p, m, [0] * p)] == build_schedule("1f1b", p, 1, m)
+        for hold in ([r // 2 for r in range(p)], [max(r - 1, 0) for r in range(p)]):
+            assert zb - 1e-12 <= simulate(zero_bubble_h1_schedule(p, m, hold), p, 1, m).bubble <= one + 1e-12
+        # The paper's accounting (a pending W keeps a microbatch's worth) fits 1F1B's peak exactly.
+        assert zero_bubble_holds(p, m, p, [(1.0, 1.0)] * p) == list(range(p))
+        # W keeps more than the forward did: rank r fits h W's while (p - r) + 1.1 h + 0.1 <= p
+        # (the 0.1: right after a B, one W more is pending and one microbatch less live).
+        assert zero_bubble_holds(p, m, p, [(1.0, 1.1)] * p) == [int((r - 0.1) / 1.1) if r else 0 for r in range(p)]
+        # A heavier last stage (the loss's logits): one microbatch of 1.5 and h W's of 0.9 must
+        # fit under p, so it alone may hold back fewer (at p = 2, 4 and 5 here; not at 8).
+        memory = [(1.0, 0.9)] * (p - 1) + [(1.5, 0.9)]
+        holds = zero_bubble_holds(p, m, p, memory)
+        assert holds == list(range(p - 1)) + [min(p - 1, int((p - 1.5) / 0.9))], holds
+        peaks = simulate(zero_bubble_h1_schedule(p, m, holds), p, 1, m, memory=memory).peak_memory
+        assert max(peaks) <= p, peaks
+        if holds[-1] < p - 1:   # the most that fits: one more W would not
+            more = holds[:-1] + [holds[-1] + 1]
+            assert simulate(zero_bubble_h1_schedule(p, m, more), p, 1, m, memory=memory).peak_memory[-1] > p
+    with pytest.raises(ValueError, match=r"hold must give each of the 3 ranks r a number of W's to hold back in "
+                                         r"\[0, r\], got \[0, 2, 1\]"):
+        zero_bubble_h1_schedule(3, 6, [0, 2, 1])
+    with pytest.raises(ValueError, match=r"budget must be one number or one for each of the 3 ranks, got 2"):
+        zero_bubble_holds(3, 6, [3.0, 3.0], [(1.0, 1.0)] * 3)
 
 
 def test_bad_arguments_are_named_with_what_would_work():
