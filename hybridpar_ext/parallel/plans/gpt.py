@@ -27,26 +27,12 @@ import torch.distributed as dist
 
 from ... import nn as hnn
 from ... import ops
-from ..layers import SEQ_DIM, partial_grad_params, sync_tensor_parallel_grads
+from ..layers import SEQ_DIM
 from ..plan import (ColumnParallel, LMHead, RowParallel, SequenceParallelNorm, Style, VocabEmbedding,
                     materialize, parallelize_module, plan_specs, stage_layers)
 from ..spec import set_shard_specs, shard_specs, spec_of, with_tied
 from ..state_dict import merge_tensors_by_specs, shard_tensor, split_by_specs
-
-
-def kv_heads_per_rank(heads: int, kv_heads: int, tp: int, op: str = "tensor parallelism"):
-    """(kv heads each rank holds, ranks that hold each kv head); ValueError if they do not split."""
-    if heads % tp:
-        raise ValueError(f"{op}: heads ({heads}) must be divisible by the tensor-parallel size ({tp})")
-    if kv_heads >= tp:
-        if kv_heads % tp:
-            raise ValueError(f"{op}: kv_heads ({kv_heads}) must be divisible by the tensor-parallel "
-                             f"size ({tp}), or divide it")
-        return kv_heads // tp, 1
-    if tp % kv_heads:
-        raise ValueError(f"{op}: kv_heads ({kv_heads}) must divide the tensor-parallel size ({tp}) "
-                         "when there are fewer kv heads than ranks")
-    return 1, tp // kv_heads
+from .common import PipelineStage, check_model_split, check_sequence, kv_heads_per_rank
 
 
 class LocalHeads(Style):
@@ -93,22 +79,9 @@ def check_parallel_config(config, dp: int, tp: int, pp: int, sequence_parallel: 
     """Raise ValueError naming the first setting that this model cannot be split by. Depends
     only on its arguments, so every rank raises the same message before any collective. The
     vocabulary needs no divisibility: it is padded to a multiple of ``tp``."""
-    for name, value in (("dp", dp), ("tp", tp), ("pp", pp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    kv_heads_per_rank(config.heads, config.kv_heads, tp)
-    if config.ffn % tp:
-        raise ValueError(f"tensor parallelism: ffn ({config.ffn}) must be divisible by the "
-                         f"tensor-parallel size ({tp})")
-    if config.layers < pp:
-        raise ValueError(f"pipeline parallelism: layers ({config.layers}) must be at least the "
-                         f"number of pipeline stages ({pp})")
-    if seq is not None:
-        if seq > config.max_seq_len:
-            raise ValueError(f"seq ({seq}) is longer than the model's max_seq_len ({config.max_seq_len})")
-        if sequence_parallel and seq % tp:
-            raise ValueError(f"sequence parallelism: seq ({seq}) must be divisible by the "
-                             f"tensor-parallel size ({tp})")
+    check_model_split(dp, tp, pp, config.heads, config.kv_heads, ffn=("ffn", config.ffn),
+                      layers=("layers", config.layers))
+    check_sequence(seq, ("max_seq_len", config.max_seq_len), tp, sequence_parallel)
     if microbatches is not None:
         if microbatches < 1:
             raise ValueError(f"microbatches must be positive, got {microbatches}")
@@ -140,7 +113,7 @@ class ParallelTransformerLayer(hnn.TransformerLayer):
                 torch.nn.init.normal_(p, std=0.02)
 
 
-class GPTStage(torch.nn.Module):
+class GPTStage(PipelineStage):
     """One pipeline stage (or chunk) of a GPT, tensor-parallel over ``mesh.tp``: layers
     ``layer_ids`` (keeping their global names ``layers.{i}``), plus the embedding if
     ``holds_embedding`` and the final norm and LM head if ``holds_head``.
@@ -215,32 +188,6 @@ class GPTStage(torch.nn.Module):
         """Shape of what passes between stages: ``(x, residual)`` stacked."""
         local_seq = seq // self.mesh.tp if self.sequence_parallel else seq
         return (2, microbatch, local_seq, self.config.hidden)
-
-    def finish_grads(self):
-        """The gradient sums that tensor parallelism and tied stages owe, after backward (and
-        after the data-parallel reduction): partial gradients of replicated segments over TP
-        (from the specs); the embedding's and the LM head's gradients across the first and
-        last stages."""
-        sync_tensor_parallel_grads(self, self.mesh.tp_group)
-        if self.tied_across_stages:
-            grad = self.tied_weight().grad
-            other = self.mesh.pp - 1 if self.is_first else 0
-            peer = dist.get_global_rank(self.mesh.pp_group, other)
-            received = torch.empty_like(grad)
-            # No copy to send: the send is waited for before the gradient changes.
-            send = dist.isend(grad, dst=peer, group=self.mesh.pp_group)
-            dist.recv(received, src=peer, group=self.mesh.pp_group)
-            send.wait()
-            grad.add_(received)
-
-    def synced_after_reduction(self, param) -> bool:
-        """Whether `param`'s gradient is still changed by :meth:`finish_grads` after the
-        data-parallel reduction (so a sharded optimizer must see it whole)."""
-        if not hasattr(self, "_partial_ids"):
-            self._partial_ids = {id(p) for p in partial_grad_params(self)}
-        if id(param) in self._partial_ids:
-            return True
-        return self.tied_across_stages and param is self.tied_weight()
 
 
 def build_stage(model, mesh, layer_ids, holds_embedding: bool, holds_head: bool, sequence_parallel: bool = False,

@@ -53,7 +53,7 @@ from ..plan import (ColumnParallel, LMHead, RowParallel, SequenceParallelNorm, S
                     parallelize_module, stage_layers)
 from ..spec import set_shard_specs, shard_specs, spec_of, with_tied
 from ..state_dict import split_by_specs
-from .gpt import GPTStage, kv_heads_per_rank
+from .common import PipelineStage, check_model_split, check_sequence
 
 # config.model_type -> (modeling module, causal-LM class, its RMSNorm class).
 ARCHITECTURES = {
@@ -85,17 +85,10 @@ def check_decoder_config(config, dp: int, tp: int, pp: int, sequence_parallel: b
     split by this layout (or run by our kernels). Depends only on its arguments, so every rank
     raises the same message before any collective. The vocabulary is padded, never refused."""
     _architecture(config)
-    for name, value in (("dp", dp), ("tp", tp), ("pp", pp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    kv_heads_per_rank(heads, kv_heads, tp)
-    if config.intermediate_size % tp:
-        raise ValueError(f"tensor parallelism: intermediate_size ({config.intermediate_size}) must be "
-                         f"divisible by the tensor-parallel size ({tp})")
-    if config.num_hidden_layers < pp:
-        raise ValueError(f"pipeline parallelism: num_hidden_layers ({config.num_hidden_layers}) must be "
-                         f"at least the number of pipeline stages ({pp})")
+    check_model_split(dp, tp, pp, config.num_attention_heads,
+                      config.num_key_value_heads or config.num_attention_heads,
+                      ffn=("intermediate_size", config.intermediate_size),
+                      layers=("num_hidden_layers", config.num_hidden_layers))
     from ...ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
     if not MIN_HEAD_DIM <= head_dim(config) <= MAX_HEAD_DIM:
         raise ValueError(f"our attention kernel takes head_dim {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, the model's "
@@ -103,13 +96,7 @@ def check_decoder_config(config, dp: int, tp: int, pp: int, sequence_parallel: b
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(f"attention_dropout ({config.attention_dropout}) is not supported by our "
                          "attention kernel: set it to 0")
-    if seq is not None:
-        if seq > config.max_position_embeddings:
-            raise ValueError(f"seq ({seq}) is longer than the model's max_position_embeddings "
-                             f"({config.max_position_embeddings})")
-        if sequence_parallel and seq % tp:
-            raise ValueError(f"sequence parallelism: seq ({seq}) must be divisible by the "
-                             f"tensor-parallel size ({tp})")
+    check_sequence(seq, ("max_position_embeddings", config.max_position_embeddings), tp, sequence_parallel)
 
 
 class SharedInputColumnLinear(ColumnParallelLinear):
@@ -220,7 +207,7 @@ class _Container(torch.nn.Module):
     """Holds ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``: Hugging Face's ``model.``."""
 
 
-class DecoderStage(torch.nn.Module):
+class DecoderStage(PipelineStage):
     """One pipeline stage (or chunk) of a LLaMA-family causal LM, tensor-parallel over
     ``mesh.tp``: decoder layers ``layer_ids`` (keeping their global names
     ``model.layers.{i}``), plus the embedding if ``holds_embedding`` and the final norm and
@@ -290,12 +277,6 @@ class DecoderStage(torch.nn.Module):
         if padding_idx is not None:
             self.model.embed_tokens.register_forward_hook(
                 _PaddingTokensNoGrad(padding_idx, sequence_parallel, mesh.tp, mesh.tp_rank))
-
-    # The gradient sums that tensor parallelism and a tied embedding across stages owe, and
-    # which parameters a sharded optimizer must see whole: the same rules as our GPT's stage,
-    # which reads only mesh, is_first/is_last, tied_across_stages and tied_weight.
-    finish_grads = GPTStage.finish_grads
-    synced_after_reduction = GPTStage.synced_after_reduction
 
     @property
     def tied_across_stages(self) -> bool:
