@@ -184,21 +184,21 @@ class _DeferredEmbedding(torch.autograd.Function):
     the store (the input, token ids, has none)."""
 
     @staticmethod
-    def forward(ctx, local, outside, weight, anchor, store, key, param):
+    def forward(ctx, local, outside, weight, anchor, store, key, params):
         ctx.save_for_backward(local, outside)
-        ctx.store, ctx.key, ctx.param, ctx.rows = store, key, param, weight.shape[0]
+        ctx.store, ctx.key, ctx.params, ctx.rows = store, key, params, weight.shape[0]
         return F.embedding(local, weight).masked_fill(outside.unsqueeze(-1), 0.0)
 
     @staticmethod
     def backward(ctx, grad_out):
         local, outside = ctx.saved_tensors
-        param, rows = ctx.param, ctx.rows
+        params, rows = ctx.params, ctx.rows
 
         def work():
             # What F.embedding's backward computes after masked_fill's: the same kernel.
             grad = torch.ops.aten.embedding_dense_backward(grad_out.masked_fill(outside.unsqueeze(-1), 0.0),
                                                            local, rows, -1, False)
-            torch.autograd.backward([param], [grad])
+            torch.autograd.backward(params, [grad])
 
         ctx.store.add(ctx.key, work, holds=(grad_out, local, outside))
         return None, None, None, None, None, None, None
@@ -212,7 +212,11 @@ def deferrable_embedding(local: torch.Tensor, outside: torch.Tensor, weight: tor
         raise RuntimeError("deferrable_embedding: no WeightGradStore is recording")
     if weight.grad_fn is not None:
         raise ValueError("deferrable_embedding: weight must be a leaf tensor (a parameter)")
-    return _DeferredEmbedding.apply(local, outside, weight.detach(), _ANCHOR, _active, _active_key, weight)
+    # The parameter goes in a list: a tensor argument would be an input of the node, and its
+    # post-accumulate hooks would fire in B with no gradient, telling a data-parallel reducer
+    # the table is done before W has accumulated into it (a bucket then reduced without the
+    # last microbatch's rows while W wrote into it: the drift once seen at dp2 x pp2).
+    return _DeferredEmbedding.apply(local, outside, weight.detach(), _ANCHOR, _active, _active_key, [weight])
 
 
 class _DeferredNorm(torch.autograd.Function):
