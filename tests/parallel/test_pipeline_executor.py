@@ -4,7 +4,9 @@ dependencies, so a rank receives messages in another order than it uses them, wi
 backward fused or split) all finish, and give the loss and gradients of the same chain of
 layers run in one process. Stages are Linear layers whose weight gradients the split
 schedules defer, in float64, so only the order of the sums differs. With data parallelism
-beside ZB-H1, every gradient bucket starts during the schedule, as its W work ends."""
+beside ZB-H1, every gradient bucket starts during the schedule, as its W work ends (rank 0's
+backwards fused, the other's split); a list that would hand the reducer a weight's last
+gradient twice is refused."""
 
 import random
 
@@ -153,6 +155,10 @@ def refusals(rank, world):
 
     from hybridpar_ext.parallel import PipelineSchedule
 
+    import contextlib
+
+    from hybridpar_ext.parallel.schedules import Action
+
     messages = []
     chunks = [LinearStage(k * world + rank, world * 2) for k in range(2)]
     for args in ((chunks, 3, "interleaved"), (chunks, 4, "zero-bubble"), (chunks[::-1], 2, "interleaved")):
@@ -160,6 +166,15 @@ def refusals(rank, world):
             PipelineSchedule(args[0], dist.group.WORLD, args[1], schedule=args[2])
         except ValueError as err:
             messages.append(str(err))
+    # Valid for the simulator, but under a data-parallel reducer rank 0's weights would get their
+    # last gradient twice (BW1 with the reduction on, then W0): refused on every rank.
+    F, B, W, BW = ((lambda i, op=op: Action(op, 0, i)) for op in ("F", "B", "W", "BW"))
+    mixed = [[F(0), F(1), B(0), BW(1), W(0)], [F(0), BW(0), F(1), BW(1)]]
+    try:
+        PipelineSchedule(LinearStage(rank, world), dist.group.WORLD, 2, no_sync=contextlib.nullcontext,
+                         schedule=mixed)
+    except ValueError as err:
+        messages.append(str(err))
     return messages
 
 
@@ -169,7 +184,8 @@ def test_the_executor_refuses_bad_input_alike_on_every_rank():
     assert "microbatches (m = 3) must be a multiple of the pipeline stages (p = 2); try m = 2 or 4" in first[0]
     assert "schedule 'zero-bubble' runs one model chunk per rank: virtual stages (v) must be 1, got 2" in first[1]
     assert "chunk 0 of rank 0 is virtual stage 0 of 4, so is_first must be True" in first[2]
-    assert results[1][:2] == first[:2]
+    assert "rank 0 runs BW1 as chunk 0's last input backward with W work of that chunk after it" in first[3]
+    assert results[1][:2] == first[:2] and results[1][3] == first[3]
 
 
 def zero_bubble_with_data_parallelism(rank, world):
