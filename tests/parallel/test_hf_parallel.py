@@ -16,7 +16,7 @@ layers, split unevenly over 2 stages; interleaved 1F1B (5 layers in 2 chunks per
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+from hybridpar_ext.testing import assert_close_to_reference, run_ranks, train_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,19 +70,11 @@ def batches(vocab, seed):
 
 
 def reference_run(config, seed):
-    model = plain_model(config, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    losses, grads = [], None
-    for tokens in batches(config.vocab_size, seed):
-        opt.zero_grad()
-        logits = model(tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads
+    def loss_fn(model, inputs, targets):
+        logits = model(inputs).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    return train_reference(plain_model(config, seed), batches(config.vocab_size, seed), LR, WD, loss_fn=loss_fn)
 
 
 def parallel_run(config, seed, mesh, sp, zero, m, v=1):
@@ -162,8 +154,8 @@ def train_and_compare(rank, world, dp, tp, pp, tmp):
     report = []
     for i, (family, kv, tied, sp, zero, m, *v) in enumerate(CASES[(dp, tp, pp)]):
         v = v[0] if v else 1
-        label = (f"{family} kv{kv}{' tied' if tied else ''}{' sp' if sp else ''}{' zero' if zero else ''} m{m}"
-                 + (f" v{v}" if v > 1 else ""))
+        label = (f"dp{dp}-tp{tp}-pp{pp}: {family} kv{kv}{' tied' if tied else ''}{' sp' if sp else ''}"
+                 f"{' zero' if zero else ''} m{m}" + (f" v{v}" if v > 1 else ""))
         config, seed = tiny_config(family, kv, tied, layers=3 if v == 1 else 5), 11 + i
         losses, grads, initial = parallel_run(config, seed, mesh, sp, zero, m, v)
         if (dp, tp, pp) == LOAD_FROM_DIRECTORY:
@@ -175,7 +167,7 @@ def train_and_compare(rank, world, dp, tp, pp, tmp):
             fresh.load_state_dict(initial, strict=True)
             tokens = batches(config.vocab_size, seed)[0][:, :-1]
             assert torch.equal(fresh(tokens).logits, plain(tokens).logits), f"[{label}] logits of the gathered weights"
-            ref_losses, ref_grads = reference_run(config, seed)
+            ref_losses, ref_grads, _ = reference_run(config, seed)
             for step, (a, e) in enumerate(zip(losses, ref_losses), 1):
                 assert_close_to_reference(torch.tensor(a), torch.tensor(e, dtype=torch.float64),
                                           torch.float32, f"[{label}] loss of step {step}")
@@ -187,10 +179,25 @@ def train_and_compare(rank, world, dp, tp, pp, tmp):
     return report
 
 
-@pytest.mark.parametrize("dp,tp,pp", list(CASES), ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p in CASES])
-def test_hf_layout_matches_one_process(dp, tp, pp, tmp_path):
-    results = run_ranks(train_and_compare, dp * tp * pp, timeout=240, dp=dp, tp=tp, pp=pp, tmp=str(tmp_path))
-    assert len(results[0]) == len(CASES[(dp, tp, pp)])
+def check_layouts(rank, world, layouts, tmp):
+    """The layouts of one world size one after another in the same processes, each on its
+    own mesh."""
+    return {f"dp{dp}-tp{tp}-pp{pp}": train_and_compare(rank, world, dp, tp, pp, tmp) for dp, tp, pp in layouts}
+
+
+# The layouts by world size: starting processes that import torch and transformers is most of
+# the cost here, so each world size is one launch.
+WORLDS = {w: [lay for lay in CASES if lay[0] * lay[1] * lay[2] == w] for w in (2, 4, 8)}
+
+
+@pytest.mark.parametrize("world", list(WORLDS), ids=[
+    "+".join(f"dp{d}-tp{t}-pp{p}" for d, t, p in layouts) for layouts in WORLDS.values()])
+def test_hf_layouts_match_one_process(world, tmp_path):
+    layouts = WORLDS[world]
+    report = run_ranks(check_layouts, world, timeout=240 * len(layouts), layouts=layouts, tmp=str(tmp_path))[0]
+    assert list(report) == [f"dp{d}-tp{t}-pp{p}" for d, t, p in layouts]
+    for (dp, tp, pp), cases in zip(layouts, report.values()):
+        assert len(cases) == len(CASES[(dp, tp, pp)]), f"dp{dp}-tp{tp}-pp{pp}: cases missing"
 
 
 def test_configs_the_layout_cannot_split_are_refused():
