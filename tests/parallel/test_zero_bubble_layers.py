@@ -242,3 +242,70 @@ def test_norm_deferral_is_off_by_default_and_refuses_bad_input():
                         normalized_shape=(3, 7))
     with pytest.raises(ValueError, match="from_dense: a norm without weight"):
         DeferrableLayerNorm.from_dense(hnn.LayerNorm(7, elementwise_affine=False))
+
+
+# ------------------------------------------------------------------ every parameter of a stage
+def whole_stage_defers_everything(rank, world, family):
+    """A whole model on tp2 with sequence parallelism (one stage holding the embedding, every
+    layer, the final norm and an untied head), the norms' deferral on: after B no parameter has
+    a gradient and none of their post-accumulate hooks fired (a data-parallel reducer would take
+    it for done); after W every one has its gradient, the plain model's in one process."""
+    import torch.distributed as dist
+
+    from hybridpar_ext.models import GPT, GPTConfig
+    from hybridpar_ext.parallel import build_stage, gather_state_dict, init_mesh
+    from hybridpar_ext.parallel.layers import defer_norm_weight_grads
+    from hybridpar_ext.parallel.plans.llama import build_decoder_stage
+    from hybridpar_ext.parallel.weight_grad import WeightGradStore
+
+    mesh = init_mesh(dp=1, tp=2, pp=1)
+    tokens = torch.randint(0, 90, (2, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    if family == "gpt":
+        config = GPTConfig(**MODEL)
+        torch.manual_seed(SEED)
+        plain = GPT(config)
+        stage = build_stage(plain, mesh, range(MODEL["layers"]), True, True, sequence_parallel=True)
+        loss_plain = plain(tokens[:, :-1], tokens[:, 1:])
+    else:
+        import transformers
+
+        config = None
+        hf = transformers.LlamaConfig(vocab_size=90, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False, rms_norm_eps=1e-5, attention_bias=True)
+        torch.manual_seed(SEED)
+        plain = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager")
+        stage = build_decoder_stage(plain, mesh, range(2), True, True, sequence_parallel=True)
+        logits = plain(tokens[:, :-1]).logits
+        loss_plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss_plain.backward()
+    assert defer_norm_weight_grads(stage) > 0
+    params = dict(stage.named_parameters())
+    fired = []
+    for name, p in params.items():
+        p.register_post_accumulate_grad_hook(lambda _p, name=name: fired.append(name))
+    store = WeightGradStore()
+    with store.recording("mb"):
+        logits = stage(tokens[:, :-1])
+    stage.loss(logits, tokens[:, 1:]).backward()   # B
+    early = sorted(n for n, p in params.items() if p.grad is not None)
+    assert not early and not fired, f"{family}: gradients or hooks in B: {early} {sorted(set(fired))}"
+    store.run("mb")   # W
+    missing = sorted(n for n, p in params.items() if p.grad is None)
+    assert not missing, f"{family}: no gradient after W: {missing}"
+    stage.finish_grads()
+    grads = gather_state_dict(stage, mesh, config, {n: p.grad.detach().clone() for n, p in params.items()})
+    reference = dict(plain.named_parameters())
+    assert set(grads) == set(reference), sorted(set(grads) ^ set(reference))
+    for name, p in reference.items():
+        assert_close_to_reference(grads[name], p.grad.double(), torch.float32, f"{family} grad {name}")
+    dist.barrier()
+    return len(params)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_every_parameter_of_a_stage_waits_for_w(family):
+    if family == "llama":
+        pytest.importorskip("transformers")
+    counts = run_ranks(whole_stage_defers_everything, 2, timeout=120, family=family)
+    assert counts[0] == counts[1] > 0
