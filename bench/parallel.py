@@ -183,8 +183,12 @@ def schedule_rows(steps: int):
                          "bubble": measured,
                          "simulated_bubble": statistics.mean(r[kind]["predicted"] for r in per_rank),
                          "formula_bubble": formula_bubble(kind, p, v, SCHEDULE_MICROBATCHES),
-                         # The pipeline's peak (its busiest rank), on a small GPT: see _peak_activations.
+                         # The pipeline's peak (its busiest rank), on a small GPT: see _peak_activations;
+                         # and each rank's, which says where it sits (ZB-H1: rank 0 runs 1F1B's list,
+                         # the later ranks keep their held-back W's).
                          "peak_activation_kb": max(r[kind]["peak_activations"] for r in per_rank) / 1024,
+                         "peak_activation_kb_by_rank": " · ".join(f"{r[kind]['peak_activations'] / 1024:.0f}"
+                                                                 for r in per_rank),
                          "note": f"F = B = W = {STAGE_MS:g} ms per stage (fixed), gloo; "
                                  "peak activations: a GPT of 4 layers per rank, the busiest rank"})
     return rows
