@@ -359,10 +359,10 @@ class _DeferrableNorm:
     otherwise the module is the plain :mod:`hybridpar_ext.nn` norm, its fused kernel untouched.
 
     Off by default (:func:`defer_norm_weight_grads` turns it on): W would keep each norm's input
-    and output gradient from B to W, two activations per norm (on our GPT at p = 2, the last
-    rank's peak +33%, the pipeline's +38% over 1F1B, tests/parallel/test_zero_bubble_layers.py),
-    to move into the bubble a reduction over the rows that costs about as much as reading them
-    once, a small part of a layer's backward."""
+    and output gradient from B to W, two activations per norm (on the GPT of
+    tests/parallel/test_zero_bubble_memory.py the pipeline's peak goes from 1F1B's +3.7% to
+    +38% at p = 2, from +0.0% to +37% at p = 4), to move into the bubble a reduction over the
+    rows that costs about as much as reading them once, a small part of a layer's backward."""
 
     is_rms = False
     defer_weight_grad = False
