@@ -309,3 +309,14 @@ def test_every_parameter_of_a_stage_waits_for_w(family):
         pytest.importorskip("transformers")
     counts = run_ranks(whole_stage_defers_everything, 2, timeout=120, family=family)
     assert counts[0] == counts[1] > 0
+
+
+def test_opcheck_split_norm_backward_ops(backend, device):
+    x, dy = torch.randn(6, 40, device=device), torch.randn(6, 40, device=device)
+    w = torch.randn(40, device=device)
+    mean, rstd = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    for m in (mean, None):   # LayerNorm, RMSNorm
+        torch.library.opcheck(torch.ops.hybridpar.norm_input_backward.default, (dy, None, x, w, m, rstd))
+        torch.library.opcheck(torch.ops.hybridpar.norm_input_backward.default, (dy, dy.clone(), x, None, m, rstd))
+        torch.library.opcheck(torch.ops.hybridpar.norm_weight_backward.default, (dy, x, m, rstd, True, m is not None))
+        torch.library.opcheck(torch.ops.hybridpar.norm_weight_backward.default, (dy, x, m, rstd, False, False))
