@@ -6,7 +6,7 @@ in one process: the loss of each step, every first-step gradient, the starting w
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+from hybridpar_ext.testing import assert_close_to_reference, run_ranks, train_reference
 
 VOCAB = 50257
 # 8 heads of 16 (so tp 8 splits them), 2 kv heads (split at tp 2, replicated at tp 4 and 8).
@@ -21,19 +21,8 @@ def _reference(args, config):
 
     torch.manual_seed(args.seed)
     model = GPT(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batches = Batches(args.data, config.vocab_size, args.seq, args.global_batch, args.seed)
-    losses, grads = [], None
-    for step in range(1, args.steps + 1):
-        tokens = batches(step)
-        opt.zero_grad()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
-        opt.step()
-        losses.append(loss.item())
-    return model, losses, grads
+    return train_reference(model, [batches(s) for s in range(1, args.steps + 1)], args.lr, args.weight_decay)
 
 
 def train_padded(rank, world, extra):
@@ -67,7 +56,7 @@ def train_padded(rank, world, extra):
         assert {n: tuple(t.shape) for n, t in initial.items()} == {n: tuple(t.shape) for n, t in plain.items()}
         for name, w in plain.items():
             assert torch.equal(initial[name], w), f"initial weight {name} differs"
-        _, ref_losses, ref_grads = _reference(args, config)
+        ref_losses, ref_grads, _ = _reference(args, config)
         for step, (a, e) in enumerate(zip(losses, ref_losses), 1):
             assert_close_to_reference(torch.tensor(a), torch.tensor(e, dtype=torch.float64), torch.float32,
                                       f"tp={world} loss of step {step}")

@@ -84,9 +84,26 @@ def check_layers(rank, world):
     return True
 
 
+def check_layers_and_blocks(rank, world):
+    return {"layers": check_layers(rank, world), "blocks": check_blocks(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """check_layers and check_blocks of each world size, in one launch of its processes
+    (starting them costs more than the checks); launched when a test first asks."""
+    results = {}
+
+    def of(world):
+        if world not in results:
+            results[world] = run_ranks(check_layers_and_blocks, world, timeout=300)
+        return results[world]
+    return of
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_layers_match_their_plain_twins(world):
-    assert run_ranks(check_layers, world, timeout=180) == [True] * world
+def test_tensor_parallel_layers_match_their_plain_twins(twins, world):
+    assert [r["layers"] for r in twins(world)] == [True] * world
 
 
 def check_mesh(rank, world):
@@ -196,5 +213,5 @@ def check_blocks(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_parallel_transformer_layer_matches_its_plain_twin(world):
-    assert run_ranks(check_blocks, world, timeout=180) == [True] * world
+def test_parallel_transformer_layer_matches_its_plain_twin(twins, world):
+    assert [r["blocks"] for r in twins(world)] == [True] * world
