@@ -15,9 +15,10 @@ its later ranks, above 1F1B's rank 0 on this GPT (printed, not asserted). The ZB
 1F1B's memory holds back on each rank only as many W's as fit under 1F1B's peak:
 ``schedules.zero_bubble_holds`` from each rank's measured bytes per microbatch (1F1B's peak over
 its ``p - r`` live microbatches) and per pending W (what the store held at each W), less what
-the paper's run peaked above that model on the rank; asserted: its
-measured peak over the pipeline is no higher than 1F1B's, and its simulated bubble between
-ZB-H1's and 1F1B's."""
+the paper's run peaked above that model on the rank; asserted: its measured peak over the
+pipeline is no higher than 1F1B's, and its simulated bubble between ZB-H1's and 1F1B's. Also
+with the norms' dW/dB deferred (``defer_norm_weight_grads``), where a pending W keeps more than
+a microbatch's forward did and the paper's ZB-H1 peaks well above 1F1B on every later rank."""
 
 import pytest
 import torch
@@ -34,12 +35,13 @@ def _storage_bytes(tensors):
     return sum(n for _, n in storages)
 
 
-def measure_schedules(rank, world):
+def measure_schedules(rank, world, norms=False):
     import torch.distributed as dist
 
     from hybridpar_ext.models import GPT, GPTConfig
     from hybridpar_ext.parallel import build_stage, init_mesh
     from hybridpar_ext.parallel.activation_memory import ActivationMeter
+    from hybridpar_ext.parallel.layers import defer_norm_weight_grads
     from hybridpar_ext.parallel.pipeline import PipelineSchedule
     from hybridpar_ext.parallel.schedules import build_schedule, simulate, zero_bubble_h1_schedule, zero_bubble_holds
 
@@ -50,6 +52,8 @@ def measure_schedules(rank, world):
     full = GPT(config)
     r = mesh.pp_rank
     stage = build_stage(full, mesh, range(2 * r, 2 * r + 2), r == 0, r == p - 1)
+    if norms:   # the norms' dW/dB deferred too: a pending W keeps more than the forward did
+        assert defer_norm_weight_grads(stage) > 0
     tokens = torch.randint(0, config.vocab_size, (BATCH * m // 4, SEQ + 1),
                            generator=torch.Generator().manual_seed(1))
     inputs, targets = list(tokens[:, :-1].chunk(m)), list(tokens[:, 1:].chunk(m))
@@ -95,12 +99,12 @@ def measure_schedules(rank, world):
     return everyone
 
 
-@pytest.mark.parametrize("p", [2, 4])
-def test_zero_bubble_within_1f1b_memory(p):
+@pytest.mark.parametrize("p,norms", [(2, False), (4, False), (4, True)], ids=["p2", "p4", "p4-norms-deferred"])
+def test_zero_bubble_within_1f1b_memory(p, norms):
     from hybridpar_ext.parallel.schedules import build_schedule, simulate, zero_bubble_h1_schedule
 
     m = 2 * p
-    per_rank = run_ranks(measure_schedules, p, timeout=180)[0]
+    per_rank = run_ranks(measure_schedules, p, timeout=180, norms=norms)[0]
     peaks = {kind: [r[kind][0] for r in per_rank] for kind in ("1f1b", "zero-bubble", "capped")}
     holds, memory = per_rank[0]["holds"], [r["model"] for r in per_rank]
     paper = simulate(build_schedule("zero-bubble", p, 1, m), p, 1, m, memory=memory).peak_memory
