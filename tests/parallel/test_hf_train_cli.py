@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference
+from hybridpar_ext.testing import assert_close_to_reference, train_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,18 +34,12 @@ def _reference_losses(model, vocab, seed=0):
     """The plain model trained in one process with torch AdamW on the trainer's batches."""
     from hybridpar_ext.train import Batches
 
+    def loss_fn(model, inputs, targets):
+        logits = model(inputs).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
     batches = Batches("synthetic", vocab, SEQ, BATCH, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    losses = []
-    for step in range(1, STEPS + 1):
-        tokens = batches(step)
-        opt.zero_grad()
-        logits = model(tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_reference(model, [batches(s) for s in range(1, STEPS + 1)], LR, loss_fn=loss_fn).losses
 
 
 @pytest.mark.parametrize("family,weights,layout", [
@@ -74,10 +68,13 @@ def test_train_model_path_matches_one_process(tmp_path, family, weights, layout)
                                   f"{family} loss of step {step}")
 
 
-def test_launcher_refuses_a_bad_model_before_torchrun(tmp_path):
-    """One message and exit status 2 from the launching process (each case costs a Python
-    start-up, so three: a missing directory, an architecture with no plan, a layout it cannot
-    split). The rest of the messages: test_hf_parallel.py's config checks."""
+def test_launcher_refuses_a_bad_model_before_torchrun(tmp_path, monkeypatch, capsys):
+    """One message and exit status 2 from the launching process's main (called here, in this
+    process: a Python start-up per case cost more than the checks): a missing directory, an
+    architecture with no plan, a layout it cannot split. The rest of the messages:
+    test_hf_parallel.py's config checks."""
+    from hybridpar_ext.cli import main
+
     _config("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3).save_pretrained(tmp_path / "kv3")
     transformers.GemmaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path / "gemma")
@@ -86,7 +83,11 @@ def test_launcher_refuses_a_bad_model_before_torchrun(tmp_path):
         (["--model", "gemma"], "--model: no parallel plan for"),
         (["--model", "kv3", "--tp", "2"], "kv_heads (3) must be divisible by the tensor-parallel size (2)"),
     ]
+    monkeypatch.chdir(tmp_path)
+    for var in ("RANK", "WORLD_SIZE"):   # as a user's shell: not a torchrun rank
+        monkeypatch.delenv(var, raising=False)
     for flags, message in cases:
-        out = _cli(flags + ["--steps", "1", "--data", "synthetic"], tmp_path, timeout=120)
-        assert out.returncode == 2, (flags, out.stdout[-2000:], out.stderr[-2000:])
-        assert message in out.stderr, (flags, out.stderr[-2000:])
+        code = main(["train", *flags, "--steps", "1", "--data", "synthetic"])
+        out = capsys.readouterr()
+        assert code == 2, (flags, out.out[-2000:], out.err[-2000:])
+        assert message in out.err, (flags, out.err[-2000:])
