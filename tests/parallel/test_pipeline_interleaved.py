@@ -14,7 +14,8 @@ STEPS, SEQ, GLOBAL_BATCH, LR, WD, SEED = 3, 12, 8, 3e-3, 0.01, 7
 MODEL = dict(vocab_size=96, max_seq_len=SEQ, hidden=64, heads=4, ffn=96)
 # layout -> (dp, tp, pp), its cases: model variant, microbatches, sp, zero1, virtual stages per
 # rank (2: interleaved 1F1B; 1: ZB-H1, whose W actions run the weight gradients the GPT's
-# parallel linears and LM head deferred, with the DP reduction and ZeRO-1 on a real model).
+# parallel linears, LM head and embedding deferred, with the DP reduction and ZeRO-1 on a real
+# model; every backward split and the norms deferred too: test_zero_bubble_parity).
 LAYOUTS = {
     "dp2-pp2": ((2, 1, 2), [(dict(layers=5, kv_heads=2), 2, False, False, 2),
                             (dict(layers=4, kv_heads=4, norm="rmsnorm", mlp="swiglu", tied_embeddings=False),
