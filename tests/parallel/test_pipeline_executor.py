@@ -86,12 +86,17 @@ def schedules(p: int):
             ("random split", 2, 3, random_order(p, 2, 3, p + 1, split=True))]
 
 
-def run_schedules(rank, world):
+def run_schedules(rank, world, p=None):
+    """Every schedule of p ranks (default: the world) on the group of ranks 0..p-1; the
+    other ranks only take part in creating the group."""
     import torch.distributed as dist
 
     from hybridpar_ext.parallel import PipelineSchedule
 
-    group = dist.new_group(list(range(world)))   # a subgroup, as the mesh's pp group is
+    group = dist.new_group(list(range(p or world)))   # a subgroup, as the mesh's pp group is
+    if rank >= (p or world):
+        return None
+    world = p or world
     out = {}
     for label, v, m, schedule in schedules(world):
         chunks = [LinearStage(k * world + rank, world * v) for k in range(v)]
@@ -118,9 +123,26 @@ def reference(count: int, m: int):
     return loss.item(), {i: [p.grad for p in s.parameters()] for i, s in enumerate(stages)}
 
 
+def four_rank_checks(rank, world):
+    """The 4-rank checks of this file in one launch (starting processes costs more than the
+    checks): every schedule on groups of 2 and of 4 ranks, then zero bubble under DP."""
+    import torch.distributed as dist
+
+    out = {f"p{p}": run_schedules(rank, world, p) for p in (2, 4)}
+    dist.barrier()
+    out["zero_bubble_dp"] = zero_bubble_with_data_parallelism(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_ranks(four_rank_checks, 4, timeout=180)
+
+
 @pytest.mark.parametrize("p", [2, 4])
-def test_every_order_finishes_and_matches_one_process(p):
-    results = run_ranks(run_schedules, p, timeout=90)
+def test_every_order_finishes_and_matches_one_process(four_ranks, p):
+    results = [r[f"p{p}"] for r in four_ranks[:p]]
+    assert all(r[f"p{p}"] is None for r in four_ranks[p:])
     tol = TOLERANCE[torch.float64]
     for label, v, m, _ in schedules(p):
         ref_loss, ref_grads = reference(p * v, m)
@@ -206,8 +228,8 @@ def zero_bubble_with_data_parallelism(rank, world):
             "grads": [p.grad.tolist() for p in chunks.parameters()]}
 
 
-def test_zero_bubble_starts_each_gradient_bucket_when_its_w_work_is_done():
-    results = run_ranks(zero_bubble_with_data_parallelism, 4, timeout=60)
+def test_zero_bubble_starts_each_gradient_bucket_when_its_w_work_is_done(four_ranks):
+    results = [r["zero_bubble_dp"] for r in four_ranks]
     # One process: both DP ranks' batches, the mean of their losses.
     stages = [LinearStage(i, 2) for i in range(2)]
     loss = 0.0
