@@ -93,6 +93,17 @@ def recording() -> Optional[Tuple["WeightGradStore", Hashable]]:
     return (_active, _active_key) if _active is not None else None
 
 
+def replay_recording(forward: Callable, recording: Tuple["WeightGradStore", Hashable], *args, **kwargs):
+    """``forward(*args, **kwargs)`` inside `recording` (what :func:`recording` returned when it
+    first ran), unless a store is recording already: activation recomputation reruns a forward
+    during B, and the deferrable layers must take the path they took the first time."""
+    if _active is not None:
+        return forward(*args, **kwargs)
+    store, key = recording
+    with store.recording(key):
+        return forward(*args, **kwargs)
+
+
 class _DeferredLinear(torch.autograd.Function):
     """``F.linear`` on detached weight and bias; the backward defers their gradients to the store."""
 

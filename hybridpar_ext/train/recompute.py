@@ -78,6 +78,13 @@ def apply_recompute(model, mode: str):
 def _recomputed_forward(forward, mode, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)   # evaluation: nothing is kept anyway
+    from ..parallel import weight_grad
+
+    recording = weight_grad.recording()
+    if recording is not None:
+        # Zero bubble: the recomputation runs in B, where no store records; it must take the
+        # forward's deferring path again, or it saves other tensors than the forward did.
+        forward = functools.partial(weight_grad.replay_recording, forward, recording)
     if mode == "full":
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False,
