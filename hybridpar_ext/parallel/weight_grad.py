@@ -17,9 +17,13 @@ branch and DualPipe (the layer defers its own work), not torch's ``stage_backwar
 which rebuilds the weight gradient from the autograd graph, skipping gradient hooks and
 custom autograd functions.
 
-Only layers that call :func:`deferrable_linear` defer; any other parameter gets its gradient
-during the input backward, as before, so a stage with nothing deferrable runs a split
-schedule correctly with W doing nothing.
+Only layers that call one of the deferrable functions here (:func:`deferrable_linear`,
+:func:`deferrable_matmul`, :func:`deferrable_embedding`, :func:`deferrable_norm`) defer; any
+other parameter gets its gradient during the input backward, as before, so a stage with nothing
+deferrable runs a split schedule correctly with W doing nothing. Each hands its parameters to
+its autograd node inside a list, never as tensor inputs: an input parameter would get its
+post-accumulate hooks called in B (with no gradient) and a data-parallel reducer would take it
+for done before W.
 """
 
 import contextlib
