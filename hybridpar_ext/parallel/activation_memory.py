@@ -7,12 +7,19 @@ Counted by storage, once however many graph nodes or closures hold it (a layer's
 by two ops, or by an op and then by the W work it left behind, is one tensor), and without
 the parameters (saved by the matmuls, but not activations). A saved tensor stops counting
 when autograd frees the node that saved it (after that node's backward), a store's tensor
-when its W work has run."""
+when its W work has run.
+
+:func:`measure_microbatch` probes one stage alone: what one microbatch's forward keeps, what
+its pending W keeps, and the peaks of a full and a split backward; the trainer's zero bubble
+chooses each rank's held-back W's from them (``hybridpar_ext.train.zero_bubble``)."""
 
 import contextlib
+from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import torch
+
+from .weight_grad import WeightGradStore
 
 
 class _Handle:
@@ -93,3 +100,46 @@ class ActivationMeter:
         finally:
             if store is not None:
                 store.on_change = None
+
+
+@dataclass
+class MicrobatchMemory:
+    """What one microbatch costs a stage, in the meter's bytes (:func:`measure_microbatch`)."""
+
+    kept: int         # its forward's activations, kept for its backward
+    pending_w: int    # what its deferred W work keeps from B until W
+    fused_peak: int   # the peak from its forward through a full backward (1F1B's)
+    split_peak: int   # the peak from its forward through B and W (zero bubble's split backward)
+
+
+def measure_microbatch(stage, inputs: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                       grad_output: Optional[torch.Tensor] = None) -> MicrobatchMemory:
+    """Run one microbatch through `stage` twice, alone (no pipeline messages), as the executor
+    does, and measure it: once with the full backward, once split into B (recording into a
+    :class:`WeightGradStore`) and W. `inputs`: token ids on the first stage, the stacked
+    activation of ``stage.activation_shape`` elsewhere; `targets` on the last stage, whose
+    backward starts at its loss; `grad_output` (the output's shape) elsewhere. The stage's
+    tensor-parallel collectives run, so every TP rank of a stage must probe alike. The
+    parameters' gradients accumulate: the caller drops them."""
+    params = list(stage.parameters())
+    measured = {}
+    for split in (False, True):
+        store = WeightGradStore() if split else None
+        meter = ActivationMeter()
+        with meter.measure(params, store):
+            x = inputs if stage.is_first else inputs.detach().clone().requires_grad_()
+            with store.recording(0) if split else contextlib.nullcontext():
+                out = stage(x if stage.is_first else tuple(x.unbind(0)))
+            if stage.is_last:
+                out, grad = stage.loss(out, targets), None
+            else:
+                out, grad = (torch.stack(out) if isinstance(out, (tuple, list)) else out), grad_output
+            kept = meter.live
+            torch.autograd.backward(out, grad)
+            del out, x
+            pending = meter.live
+            if split:
+                store.run(0)
+        measured[split] = (kept, pending, meter.peak)
+    (kept, _, fused_peak), (_, pending, split_peak) = measured[False], measured[True]
+    return MicrobatchMemory(kept, pending, fused_peak, split_peak)

@@ -14,6 +14,8 @@ its losses are those of one process.
 - ``layout``: the model config, the layout (flags or ``--plan``) and the checks of both;
 - ``data``: the batches, a pure function of (seed, step);
 - ``trainer``: :class:`Trainer`, one rank's stage, gradient sync, optimizer and schedule;
+- ``zero_bubble``: ``--schedule zero-bubble``'s held-back W's per rank, chosen from each
+  stage's measured bytes so that the peak activation memory stays within 1F1B's;
 - ``log``: the header, per-step lines and metrics records, the summary;
 - ``loop``: one torchrun process from flags to the last step;
 - ``launcher``: the launching process (torchrun) or, under torchrun, the loop;

@@ -43,6 +43,8 @@ def _train(args, config, device, rank, world) -> int:
     flops = config.flops_per_token(args.seq)   # model FLOPs: hybridpar_ext.models.flops
     if rank == 0:
         print(header(args, config, world, device, dist.get_backend()), flush=True)
+        if trainer.zero_bubble is not None:
+            print(trainer.zero_bubble.describe(), flush=True)
     log = StepLog(args, active=rank == 0)
     records = []
     try:

@@ -14,6 +14,7 @@ from .lr_schedule import LRSchedule
 from .precision import apply_mixed_precision
 from .recompute import apply_recompute
 from .token_data import is_token_file, train_and_eval_batches
+from .zero_bubble import plan_zero_bubble
 
 
 class Trainer:
@@ -50,6 +51,15 @@ class Trainer:
             for chunk in (self.stage if virtual_stages > 1 else [self.stage]):
                 apply_mixed_precision(chunk, dtype)
         apply_recompute(self.stage, args.recompute)
+        schedule = getattr(args, "schedule", None) or ("interleaved" if virtual_stages > 1 else "1f1b")
+        self.zero_bubble = None
+        if schedule == "zero-bubble" and args.pp > 1:
+            # Each rank's held-back W's from what its stage measures, so that the run's peak
+            # activation memory stays within 1F1B's (before the DP reducer's hooks exist).
+            self.zero_bubble = plan_zero_bubble(self.stage, self.mesh, args.microbatches,
+                                                args.global_batch // args.dp // args.microbatches, args.seq,
+                                                config.vocab_size, args.seed)
+            schedule = self.zero_bubble.lists
         _perturb_gradient_for_tests(self.stage)
         # float64 runs (the exact layout comparison) reduce in float64: a float32 reduction would
         # round their gradients by ~1e-8 and make them differ from one process.
@@ -66,8 +76,7 @@ class Trainer:
         # --init-from / --resume fill the weights (and the optimizer, the step) here.
         self.checkpoints = TrainerCheckpoints(self)
         self.schedule = PipelineSchedule(self.stage, self.mesh.pp_group, args.microbatches,
-                                         no_sync=self.sync.no_sync, schedule=getattr(args, "schedule", None) or
-                                         ("interleaved" if virtual_stages > 1 else "1f1b"))
+                                         no_sync=self.sync.no_sync, schedule=schedule)
         if is_token_file(args.data):
             self.batches, self.eval_batches = train_and_eval_batches(args, config.vocab_size)
         else:
