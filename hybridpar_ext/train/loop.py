@@ -53,6 +53,8 @@ def _train(args, config, device, rank, world) -> int:
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 record["eval_loss"] = trainer.evaluate()
             record["ideal_bubble"] = formula_bubble(args.schedule, args.pp, args.virtual_stages, args.microbatches)
+            if trainer.zero_bubble is not None:   # the holds it runs, not the paper's
+                record["ideal_bubble"] = trainer.zero_bubble.bubble
             if device.type == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if gpu_peak:
