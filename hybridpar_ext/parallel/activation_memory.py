@@ -113,33 +113,36 @@ class MicrobatchMemory:
 
 
 def measure_microbatch(stage, inputs: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                       grad_output: Optional[torch.Tensor] = None) -> MicrobatchMemory:
+                       grad_output: Optional[torch.Tensor] = None, split: bool = True) -> MicrobatchMemory:
     """Run one microbatch through `stage` twice, alone (no pipeline messages), as the executor
     does, and measure it: once with the full backward, once split into B (recording into a
     :class:`WeightGradStore`) and W. `inputs`: token ids on the first stage, the stacked
     activation of ``stage.activation_shape`` elsewhere; `targets` on the last stage, whose
     backward starts at its loss; `grad_output` (the output's shape) elsewhere. The stage's
     tensor-parallel collectives run, so every TP rank of a stage must probe alike. The
-    parameters' gradients accumulate: the caller drops them."""
+    parameters' gradients accumulate: the caller drops them. ``split=False`` skips the split
+    run (a stage whose backwards all run fused): then nothing is pending and the split peak is
+    the fused one."""
     params = list(stage.parameters())
     measured = {}
-    for split in (False, True):
-        store = WeightGradStore() if split else None
+    for splitting in ((False, True) if split else (False,)):
+        store = WeightGradStore() if splitting else None
         meter = ActivationMeter()
         with meter.measure(params, store):
             x = inputs if stage.is_first else inputs.detach().clone().requires_grad_()
-            with store.recording(0) if split else contextlib.nullcontext():
+            with store.recording(0) if splitting else contextlib.nullcontext():
                 out = stage(x if stage.is_first else tuple(x.unbind(0)))
             if stage.is_last:
                 out, grad = stage.loss(out, targets), None
             else:
                 out, grad = (torch.stack(out) if isinstance(out, (tuple, list)) else out), grad_output
             kept = meter.live
-            torch.autograd.backward(out, grad)
+            torch.autograd.backward(out, grad)   # B alone when splitting: W waits in the store
             del out, x
             pending = meter.live
-            if split:
+            if splitting:
                 store.run(0)
-        measured[split] = (kept, pending, meter.peak)
-    (kept, _, fused_peak), (_, pending, split_peak) = measured[False], measured[True]
+        measured[splitting] = (kept, pending, meter.peak)
+    kept, _, fused_peak = measured[False]
+    _, pending, split_peak = measured.get(True, (kept, 0, fused_peak))
     return MicrobatchMemory(kept, pending, fused_peak, split_peak)

@@ -89,3 +89,36 @@ def test_the_trainer_holds_back_only_the_w_that_fit_under_1f1b_peak():
     for step, (got, expected) in enumerate(zip(run["chosen"]["losses"], reference.losses), 1):
         assert_close_to_reference(torch.tensor(got), torch.tensor(expected, dtype=torch.float64), torch.float32,
                                   f"loss of step {step}")
+
+
+def test_choose_holds_from_measured_figures():
+    from hybridpar_ext.parallel.activation_memory import MicrobatchMemory
+    from hybridpar_ext.parallel.schedules import build_schedule, simulate, zero_bubble_h1_schedule
+    from hybridpar_ext.train.zero_bubble import choose_holds
+
+    # The probe's figures of the p=2 GPT above: the last stage's microbatch (with the logits)
+    # plus one pending W passes the first stage's two microbatches.
+    p2 = [MicrobatchMemory(194848, 0, 194848, 194848), MicrobatchMemory(221728, 182272, 221728, 221728)]
+    plan = choose_holds(p2, 2, 4)
+    assert plan.holds == [0, 0]
+    assert abs(plan.paper_excess - (404000 / 389696 - 1)) < 1e-9, plan.paper_excess
+    assert plan.lists == zero_bubble_h1_schedule(2, 4, [0, 0])
+    assert plan.one_f_one_b_bubble == simulate(build_schedule("1f1b", 2, 1, 4), 2, 1, 4).bubble
+    assert plan.one_f_one_b_bubble > plan.bubble > simulate(build_schedule("zero-bubble", 2, 1, 4), 2, 1, 4).bubble
+    # A pending W that keeps little: the paper's holds fit, and the line says so.
+    light = [MicrobatchMemory(1000, 100, 1000, 1000)] * 4
+    plan = choose_holds(light, 4, 8)
+    assert plan.holds == [0, 1, 2, 3] and plan.paper_excess <= 0
+    assert "the paper's, within 1F1B's peak" in plan.describe()
+    # What a split backward peaks above its microbatch comes off a rank's budget (3 stages,
+    # m = 5, 1F1B's peak 3 x 900 on rank 0): the middle rank's 2 live microbatches and one
+    # pending W would fit (2050), but not with its B's transient of 700 more (2750); the last
+    # rank's 2 W's fit with its small one.
+    odd = [MicrobatchMemory(900, 0, 900, 900), MicrobatchMemory(700, 650, 700, 1400),
+           MicrobatchMemory(500, 450, 520, 560)]
+    plan = choose_holds(odd, 3, 5)
+    assert plan.holds == [0, 0, 2], plan.holds
+    memory = [(x.kept, x.pending_w) for x in odd]
+    for r, x in enumerate(odd):
+        peak = simulate(zero_bubble_h1_schedule(3, 5, plan.holds), 3, 1, 5, memory=memory).peak_memory[r]
+        assert peak - x.kept + (x.fused_peak if r == 0 else x.split_peak) <= 3 * 900, (r, plan.holds)
