@@ -108,6 +108,24 @@ def replay_recording(forward: Callable, recording: Tuple["WeightGradStore", Hash
         return forward(*args, **kwargs)
 
 
+
+def _check_params(op: str, *tensors) -> None:
+    """The tensors whose gradients a deferred layer hands to W: parameters, or a parameter's
+    cast to the compute dtype (mixed precision casts each module's parameters as its forward
+    begins, :mod:`hybridpar_ext.train.precision`). W gives their gradients to autograd, which
+    carries a cast's back into the float32 parameter; anything computed otherwise may share
+    its graph with the activations, which B has already freed."""
+    for t in tensors:
+        if t is None or t.grad_fn is None:
+            continue
+        fn = t.grad_fn
+        nxt = fn.next_functions
+        if type(fn).__name__ == "ToCopyBackward0" and len(nxt) == 1 and type(nxt[0][0]).__name__ == "AccumulateGrad":
+            continue
+        raise ValueError(f"{op}: weight and bias must be parameters or their dtype casts, got a tensor "
+                         f"computed by {type(fn).__name__}")
+
+
 class _DeferredLinear(torch.autograd.Function):
     """``F.linear`` on detached weight and bias; the backward defers their gradients to the store."""
 
@@ -135,11 +153,10 @@ class _DeferredLinear(torch.autograd.Function):
 
 def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; inside :meth:`WeightGradStore.recording`, with the gradients
-    of `weight` and `bias` (leaf tensors: parameters) deferred to the store."""
+    of `weight` and `bias` (parameters, or their casts under mixed precision) deferred to the store."""
     if _active is None or not (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return F.linear(x, weight, bias)
-    if weight.grad_fn is not None or (bias is not None and bias.grad_fn is not None):
-        raise ValueError("deferrable_linear: weight and bias must be leaf tensors (parameters)")
+    _check_params("deferrable_linear", weight, bias)
     params = [weight] + ([bias] if bias is not None else [])
     return _DeferredLinear.apply(x, weight.detach(), None if bias is None else bias.detach(), _ANCHOR, _active,
                                  _active_key, params)
@@ -186,8 +203,7 @@ def deferrable_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     caller should use its fused op (this raises)."""
     if _active is None:
         raise RuntimeError("deferrable_matmul: no WeightGradStore is recording")
-    if weight.grad_fn is not None or (bias is not None and bias.grad_fn is not None):
-        raise ValueError("deferrable_matmul: weight and bias must be leaf tensors (parameters)")
+    _check_params("deferrable_matmul", weight, bias)
     params = [weight] + ([bias] if bias is not None else [])
     return _DeferredMatmul.apply(x, weight.detach(), None if bias is None else bias.detach(), _ANCHOR, _active,
                                  _active_key, params, rule)
@@ -225,8 +241,7 @@ def deferrable_embedding(local: torch.Tensor, outside: torch.Tensor, weight: tor
     store that is recording. Call it only under :func:`deferring`."""
     if _active is None:
         raise RuntimeError("deferrable_embedding: no WeightGradStore is recording")
-    if weight.grad_fn is not None:
-        raise ValueError("deferrable_embedding: weight must be a leaf tensor (a parameter)")
+    _check_params("deferrable_embedding", weight)
     # The parameter goes in a list: a tensor argument would be an input of the node, and its
     # post-accumulate hooks would fire in B with no gradient, telling a data-parallel reducer
     # the table is done before W has accumulated into it (a bucket then reduced without the
@@ -279,8 +294,7 @@ def deferrable_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     deferred to the store that is recording. Call it only under :func:`deferring`."""
     if _active is None:
         raise RuntimeError("deferrable_norm: no WeightGradStore is recording")
-    if (weight is not None and weight.grad_fn is not None) or (bias is not None and bias.grad_fn is not None):
-        raise ValueError("deferrable_norm: weight and bias must be leaf tensors (parameters)")
+    _check_params("deferrable_norm", weight, bias)
     if is_rms and eps is None:
         eps = torch.finfo(x.dtype).eps
     n = 1 if normalized_shape is None else len(tuple(normalized_shape))
