@@ -79,6 +79,14 @@ def train_reference(model: torch.nn.Module, batches, lr: float, weight_decay: fl
     return ReferenceRun(losses, grads, norms)
 
 
+def causal_lm_loss(model, inputs, targets):
+    """A Hugging Face causal LM's mean cross-entropy on `inputs` against `targets` (a
+    ``loss_fn`` for :func:`train_reference`): what the parallel stages compute, without the
+    label shifting that ``labels=`` would do."""
+    logits = model(inputs).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 # ------------------------------------------------------------------ distributed tests
 
 def _free_port() -> int:

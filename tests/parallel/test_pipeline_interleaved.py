@@ -8,7 +8,7 @@ the later losses check the updates."""
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+from hybridpar_ext.testing import assert_close_to_reference, causal_lm_loss, run_ranks, train_reference
 
 STEPS, SEQ, GLOBAL_BATCH, LR, WD, SEED = 3, 12, 8, 3e-3, 0.01, 7
 MODEL = dict(vocab_size=96, max_seq_len=SEQ, hidden=64, heads=4, ffn=96)
@@ -40,19 +40,8 @@ def reference(config):
     from hybridpar_ext.models import GPT
 
     torch.manual_seed(SEED)
-    model = GPT(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    losses, grads = [], None
-    for step in range(1, STEPS + 1):
-        tokens = batch(step, config.vocab_size)
-        opt.zero_grad()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads
+    run = train_reference(GPT(config), [batch(step, config.vocab_size) for step in range(1, STEPS + 1)], LR, WD)
+    return run.losses, run.grads
 
 
 def train_interleaved(rank, world, layout):
@@ -240,22 +229,13 @@ def train_hf(rank, world):
             dist.all_reduce(total)
             losses.append(total.item())
         if rank == 0:   # the plain model in one process
-            plain = hf_model(family, kv, tied, layers, seed)
-            ref_opt = torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=WD)
-            for step in range(1, STEPS + 1):
-                tokens = batch(step, 101)
-                ref_opt.zero_grad()
-                logits = plain(tokens[:, :-1]).logits
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-                loss.backward()
-                if step == 1:
-                    ref = {n: p.grad for n, p in plain.named_parameters(remove_duplicate=False)}
-                    assert set(grads) == set(ref), f"[{label}] {sorted(set(grads) ^ set(ref))}"
-                    for name, g in ref.items():
-                        assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
-                ref_opt.step()
-                expected = torch.tensor(loss.item(), dtype=torch.float64)
-                assert_close_to_reference(torch.tensor(losses[step - 1]), expected, torch.float32,
+            ref = train_reference(hf_model(family, kv, tied, layers, seed),
+                                  [batch(step, 101) for step in range(1, STEPS + 1)], LR, WD, loss_fn=causal_lm_loss)
+            assert set(grads) == set(ref.grads), f"[{label}] {sorted(set(grads) ^ set(ref.grads))}"
+            for name, g in ref.grads.items():
+                assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
+            for step, (got, expected) in enumerate(zip(losses, ref.losses), 1):
+                assert_close_to_reference(torch.tensor(got), torch.tensor(expected, dtype=torch.float64), torch.float32,
                                           f"[{label}] loss of step {step}")
             out.append(label)
         del pipe, opt, sync, chunks

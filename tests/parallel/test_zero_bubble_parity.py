@@ -16,7 +16,7 @@ weight gradients at W. Cases:
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference, run_ranks
+from hybridpar_ext.testing import assert_close_to_reference, causal_lm_loss, run_ranks, train_reference
 
 STEPS, SEQ, GLOBAL_BATCH, LR, WD, SEED = 3, 12, 8, 3e-3, 0.01, 13
 GPT_MODEL = dict(vocab_size=91, max_seq_len=SEQ, hidden=64, heads=4, ffn=72)
@@ -70,22 +70,9 @@ def plain_run(family, variant, seed):
         model, vocab = GPT(GPTConfig(**GPT_MODEL, **variant)), GPT_MODEL["vocab_size"]
     else:
         model, vocab = llama(variant, seed), 101
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    losses, grads = [], None
-    for step in range(1, STEPS + 1):
-        tokens = batch(step, vocab)
-        opt.zero_grad()
-        if family == "gpt":
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-        else:
-            logits = model(tokens[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads
+    loss_fn = None if family == "gpt" else causal_lm_loss
+    run = train_reference(model, [batch(step, vocab) for step in range(1, STEPS + 1)], LR, WD, loss_fn=loss_fn)
+    return run.losses, run.grads
 
 
 def train_zero_bubble(rank, world, layout):
