@@ -190,8 +190,10 @@ _MEASURE = textwrap.dedent("""
 
 
 def _load_growth(path, tp):
+    # Outside the source tree (python -c puts the working directory on sys.path), so the
+    # installed package is what runs, as in a CUDA build installed beside the checkout.
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(tp)], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, cwd=path)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
