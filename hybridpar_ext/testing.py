@@ -79,6 +79,17 @@ def train_reference(model: torch.nn.Module, batches, lr: float, weight_decay: fl
     return ReferenceRun(losses, grads, norms)
 
 
+def assert_matches_reference(label: str, losses, grads: dict, reference: ReferenceRun) -> None:
+    """A parallel run against :func:`train_reference`'s: every step's loss and every first-step
+    gradient (the same names, each elementwise) within float32 tolerance."""
+    for step, (got, expected) in enumerate(zip(losses, reference.losses), 1):
+        assert_close_to_reference(torch.tensor(got), torch.tensor(expected, dtype=torch.float64), torch.float32,
+                                  f"[{label}] loss of step {step}")
+    assert set(grads) == set(reference.grads), f"[{label}] {sorted(set(grads) ^ set(reference.grads))}"
+    for name, g in reference.grads.items():
+        assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
+
+
 def causal_lm_loss(model, inputs, targets):
     """A Hugging Face causal LM's mean cross-entropy on `inputs` against `targets` (a
     ``loss_fn`` for :func:`train_reference`): what the parallel stages compute, without the

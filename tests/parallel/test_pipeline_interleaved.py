@@ -8,7 +8,8 @@ the later losses check the updates."""
 import pytest
 import torch
 
-from hybridpar_ext.testing import assert_close_to_reference, causal_lm_loss, run_ranks, train_reference
+from hybridpar_ext.testing import (assert_close_to_reference, assert_matches_reference, causal_lm_loss, run_ranks,
+                                   train_reference)
 
 STEPS, SEQ, GLOBAL_BATCH, LR, WD, SEED = 3, 12, 8, 3e-3, 0.01, 7
 MODEL = dict(vocab_size=96, max_seq_len=SEQ, hidden=64, heads=4, ffn=96)
@@ -40,8 +41,7 @@ def reference(config):
     from hybridpar_ext.models import GPT
 
     torch.manual_seed(SEED)
-    run = train_reference(GPT(config), [batch(step, config.vocab_size) for step in range(1, STEPS + 1)], LR, WD)
-    return run.losses, run.grads
+    return train_reference(GPT(config), [batch(step, config.vocab_size) for step in range(1, STEPS + 1)], LR, WD)
 
 
 def train_interleaved(rank, world, layout):
@@ -88,14 +88,9 @@ def train_interleaved(rank, world, layout):
             dist.all_reduce(total)
             losses.append(total.item() / dp)
         if rank == 0:
-            ref_losses, ref_grads = reference(config)
-            for step, (a, e) in enumerate(zip(losses, ref_losses), 1):
-                assert_close_to_reference(torch.tensor(a), torch.tensor(e, dtype=torch.float64), torch.float32,
-                                          f"[{label}] loss of step {step}")
-            assert set(grads) == set(ref_grads), f"[{label}] {sorted(set(grads) ^ set(ref_grads))}"
-            for name, g in ref_grads.items():
-                assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
-            report.append({"case": label, "losses": losses, "reference": ref_losses})
+            ref = reference(config)
+            assert_matches_reference(label, losses, grads, ref)
+            report.append({"case": label, "losses": losses, "reference": ref.losses})
         del pipe, opt, sync, chunks
         dist.barrier()
     return report
@@ -231,12 +226,7 @@ def train_hf(rank, world):
         if rank == 0:   # the plain model in one process
             ref = train_reference(hf_model(family, kv, tied, layers, seed),
                                   [batch(step, 101) for step in range(1, STEPS + 1)], LR, WD, loss_fn=causal_lm_loss)
-            assert set(grads) == set(ref.grads), f"[{label}] {sorted(set(grads) ^ set(ref.grads))}"
-            for name, g in ref.grads.items():
-                assert_close_to_reference(grads[name], g.double(), torch.float32, f"[{label}] grad {name}")
-            for step, (got, expected) in enumerate(zip(losses, ref.losses), 1):
-                assert_close_to_reference(torch.tensor(got), torch.tensor(expected, dtype=torch.float64), torch.float32,
-                                          f"[{label}] loss of step {step}")
+            assert_matches_reference(label, losses, grads, ref)
             out.append(label)
         del pipe, opt, sync, chunks
         dist.barrier()
